@@ -1,0 +1,106 @@
+"""Generation: prefill reads the prompt twice and mixes the cache, then decoding is ordinary `generate`."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from transformers import DynamicCache, TextIteratorStreamer
+
+from .batch import left_pad
+from .config import CAUSAL_ADAPTER
+from .errors import BituneInputError
+
+if TYPE_CHECKING:
+    from .model import BituneModel
+
+
+@torch.no_grad()
+def generate(
+    model: BituneModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **generate_kwargs,
+) -> torch.Tensor:
+    """Generate continuations of a batch of prompts; returns prompt + new tokens, as `transformers` does.
+
+    Accepts every argument of `transformers.GenerationMixin.generate` (greedy or sampling, `temperature`,
+    `top_p`, `max_new_tokens`, `stop_strings` with `tokenizer=`, `eos_token_id`, `streamer`, ...). Prompts
+    may be padded on either side; they are re-padded on the left.
+
+    Example:
+        >>> ids = tokenizer(["Question: 2+2?\\n\\nAnswer:"], return_tensors="pt")  # doctest: +SKIP
+        >>> model.generate(**ids, max_new_tokens=8, do_sample=False)  # doctest: +SKIP
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if (attention_mask.sum(-1) < 2).any():
+        raise BituneInputError("every prompt needs at least 2 tokens to generate from (add a BOS token)")
+    pad_token_id = generate_kwargs.get("pad_token_id", model.base_model.generation_config.pad_token_id) or 0
+    if not bool(attention_mask[:, -1].all()):
+        padded = left_pad(input_ids, attention_mask, pad_token_id)
+        input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
+    generate_kwargs.setdefault("pad_token_id", pad_token_id)
+    if model.bitune_config.mode != "baseline":
+        # The cache covers prompt[:-1]; `generate` then feeds the last prompt token itself (see
+        # hf_stack_notes: a cache over the whole prompt makes `generate` re-feed every prompt token).
+        state = model.encode_prompt(input_ids, attention_mask)
+        generate_kwargs["past_key_values"] = DynamicCache(state.cache, config=model.config)
+    with model._adapter(CAUSAL_ADAPTER):
+        return model.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+
+
+def generate_text(
+    model: BituneModel, tokenizer, prompts: Sequence[str], **generate_kwargs
+) -> list[str]:
+    """Generate one completion per prompt string and return the new text only.
+
+    Example:
+        >>> generate_text(model, tokenizer, ["Question: Who wrote Hamlet?\\n\\nAnswer:"], max_new_tokens=16)  # doctest: +SKIP
+    """
+    encoded = _encode(tokenizer, prompts, model.device)
+    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    if "stop_strings" in generate_kwargs:
+        generate_kwargs.setdefault("tokenizer", tokenizer)
+    output = generate(model, encoded["input_ids"], encoded["attention_mask"], **generate_kwargs)
+    new_tokens = output[:, encoded["input_ids"].shape[1] :]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def stream(model: BituneModel, tokenizer, prompt: str, **generate_kwargs) -> Iterator[str]:
+    """Yield the answer to one prompt piece by piece as it is generated (for chat and interactive use).
+
+    Example:
+        >>> for piece in stream(model, tokenizer, "Question: Tell a story.\\n\\nAnswer:"):  # doctest: +SKIP
+        ...     print(piece, end="", flush=True)
+    """
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    encoded = _encode(tokenizer, [prompt], model.device)
+    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            generate(model, encoded["input_ids"], encoded["attention_mask"], streamer=streamer, **generate_kwargs)
+        except BaseException as error:  # re-raised in the caller's thread below
+            errors.append(error)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    yield from streamer
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+def _encode(tokenizer, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    finally:
+        tokenizer.padding_side = side
+    return {k: encoded[k].to(device) for k in ("input_ids", "attention_mask")}

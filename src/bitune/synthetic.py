@@ -1,0 +1,342 @@
+"""Synthetic bAbI-style stories for the self-contained demo and CPU-scale reproductions.
+
+A story is a handful of simple sentences about people moving between places and handing objects to each
+other, with fresh entities drawn for every story from small fixed word lists:
+
+    mary went to the garden . john took the ball . mary got the ball from john . john moved to the cellar .
+
+Two products come out of the same stories:
+
+* instruction data (`make_qa_dataset`): the story, then a question at the very end of the prompt
+  ("question : where is the ball ?") and a one-word answer ("garden"). As the question comes last, a
+  causal reader meets every fact before it knows which ones matter; a bidirectional reading of the prompt
+  can let the facts see the question.
+* a pretraining corpus (`make_pretraining_corpus`): the same stories followed by statements of the facts
+  the questions ask about ("the ball is in the garden ."), so that a tiny base model learns to look facts
+  up in its context before it is ever instruction-tuned (docs: small_scale.md).
+
+Everything is lowercase words and punctuation separated by spaces, so the closed word-level vocabulary of
+`build_tokenizer` covers every generated text exactly.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+from transformers import LlamaConfig, PreTrainedTokenizerFast
+
+from .errors import BituneInputError
+
+NAMES = ("mary", "john", "sandra", "daniel", "emma", "oliver", "lucy", "peter")
+PLACES = ("kitchen", "garden", "office", "hallway", "bedroom", "bathroom", "cellar", "garage")
+OBJECTS = ("apple", "ball", "book", "key", "cup", "hat", "lamp", "coin")
+COUNT_WORDS = ("zero", "one", "two", "three")
+
+MOVE_VERBS = ("went", "moved", "travelled")
+TAKE_VERBS = ("took", "grabbed", "picked up")
+
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # in this order, so their ids are 0, 1, 2, 3
+
+# The prompt text ends with "question : ..."; "answer" is there for the plain instruction template
+# "Question: {prompt}\n\nAnswer:", which the lowercasing tokenizer reads as words of this vocabulary.
+QUESTION_MARKER = "question :"
+_TEMPLATE_WORDS = ("question", "answer", ":")
+
+PEOPLE_PER_STORY = 3
+OBJECTS_PER_STORY = 2
+EVENTS_PER_STORY = (4, 7)  # inclusive range, on top of every person's first move
+
+
+@dataclass
+class World:
+    """A story as the list of its sentences plus the state they leave behind."""
+
+    people: tuple[str, ...]
+    sentences: list[str] = field(default_factory=list)
+    location: dict[str, str] = field(default_factory=dict)  # person -> place of their last move
+    holder: dict[str, str] = field(default_factory=dict)  # object -> who got it last
+
+    def carried(self, person: str) -> list[str]:
+        return [obj for obj, holder in self.holder.items() if holder == person]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One kind of question: how to ask it, how to state its answer, and which (subject, answer) a world has."""
+
+    question: str  # "{subject}" is filled in
+    statement: str  # "{subject}" and "{answer}" are filled in; the answer comes last so it can be predicted
+    facts: Callable[[World], list[tuple[str, str]]]
+
+
+TASKS: dict[str, Task] = {
+    # last place of a person who may have moved several times
+    "person_location": Task(
+        question="where is {subject} ?",
+        statement="{subject} is in the {answer} .",
+        facts=lambda world: sorted(world.location.items()),
+    ),
+    # an object passed between people: who got it last
+    "object_holder": Task(
+        question="who has the {subject} ?",
+        statement="the {subject} is with {answer} .",
+        facts=lambda world: sorted(world.holder.items()),
+    ),
+    # two hops: who holds the object, then where that person is now
+    "object_location": Task(
+        question="where is the {subject} ?",
+        statement="the {subject} is in the {answer} .",
+        facts=lambda world: sorted((obj, world.location[who]) for obj, who in world.holder.items()),
+    ),
+    # the reverse look-up: the one object a person ends up with
+    "carried_object": Task(
+        question="what is {subject} carrying ?",
+        statement="{subject} is carrying the {answer} .",
+        facts=lambda world: [(p, world.carried(p)[0]) for p in world.people if len(world.carried(p)) == 1],
+    ),
+    # every take and hand-over of the story matters: count what a person ends up with
+    "object_count": Task(
+        question="how many objects does {subject} have ?",
+        statement="{subject} has {answer} objects .",
+        facts=lambda world: [(p, COUNT_WORDS[len(world.carried(p))]) for p in world.people],
+    ),
+}
+TASK_TYPES = tuple(TASKS)
+
+
+def simulate_world(rng: random.Random) -> World:
+    """Draw entities and a random sequence of moves, takes and hand-overs; return the story and its state.
+
+    Every person moves first (so everyone has a location), then 4-7 random events follow.
+
+    Example:
+        >>> world = simulate_world(random.Random(0))
+        >>> set(world.location) == set(world.people)
+        True
+    """
+    world = World(people=tuple(rng.sample(NAMES, PEOPLE_PER_STORY)))
+    objects = rng.sample(OBJECTS, OBJECTS_PER_STORY)
+
+    def move(person: str) -> None:
+        place = rng.choice([p for p in PLACES if p != world.location.get(person)])
+        world.location[person] = place
+        world.sentences.append(f"{person} {rng.choice(MOVE_VERBS)} to the {place} .")
+
+    for person in rng.sample(world.people, len(world.people)):
+        move(person)
+    for _ in range(rng.randint(*EVENTS_PER_STORY)):
+        free = [obj for obj in objects if obj not in world.holder]
+        kinds = ["move"] + ["take"] * bool(free) + ["hand_over"] * bool(world.holder)
+        kind = rng.choice(kinds)
+        if kind == "move":
+            move(rng.choice(world.people))
+        elif kind == "take":
+            obj, person = rng.choice(free), rng.choice(world.people)
+            world.holder[obj] = person
+            world.sentences.append(f"{person} {rng.choice(TAKE_VERBS)} the {obj} .")
+        else:
+            obj = rng.choice(sorted(world.holder))
+            giver = world.holder[obj]
+            receiver = rng.choice([p for p in world.people if p != giver])
+            world.holder[obj] = receiver
+            world.sentences.append(f"{receiver} got the {obj} from {giver} .")
+    return world
+
+
+def vocabulary() -> list[str]:
+    """Every word the generators can write, special tokens first (ids 0-3); the same list on every call.
+
+    Example:
+        >>> vocabulary()[:4]
+        ['<pad>', '<unk>', '<s>', '</s>']
+    """
+    templates = [f"{verb} to the ." for verb in MOVE_VERBS] + [f"{verb} the got from" for verb in TAKE_VERBS]
+    templates += [task.question + " " + task.statement for task in TASKS.values()]
+    words = {word for text in templates for word in text.split() if not word.startswith("{")}
+    words.update(NAMES + PLACES + OBJECTS + COUNT_WORDS + _TEMPLATE_WORDS)
+    return list(SPECIAL_TOKENS) + sorted(words)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `vocabulary()`: lowercases, splits on spaces and punctuation, prepends <s>.
+
+    Example:
+        >>> tokenizer = build_tokenizer()
+        >>> tokenizer.convert_ids_to_tokens(tokenizer("Mary went to the garden.")["input_ids"])
+        ['<s>', 'mary', 'went', 'to', 'the', 'garden', '.']
+        >>> tokenizer.decode(tokenizer("mary went to the garden .")["input_ids"], skip_special_tokens=True)
+        'mary went to the garden .'
+    """
+    words = vocabulary()
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(words)}, unk_token=UNK))
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1", special_tokens=[(BOS, words.index(BOS))]
+    )
+    # add_bos_token=True makes transformers' own attribute agree with the post-processor (and survive saving).
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        unk_token=UNK,
+        bos_token=BOS,
+        eos_token=EOS,
+        add_bos_token=True,
+        add_eos_token=False,
+        model_max_length=512,
+    )
+
+
+def pretrain_config(vocab_size: int, **overrides: Any) -> LlamaConfig:
+    """A tiny Llama for the CPU demo (4 layers, hidden 128, 4 heads, 2 KV heads); `overrides` go to LlamaConfig.
+
+    Example:
+        >>> pretrain_config(len(vocabulary())).num_hidden_layers
+        4
+    """
+    settings: dict[str, Any] = {
+        "vocab_size": vocab_size,
+        "hidden_size": 128,
+        "intermediate_size": 384,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 512,
+        "pad_token_id": SPECIAL_TOKENS.index(PAD),
+        "bos_token_id": SPECIAL_TOKENS.index(BOS),
+        "eos_token_id": SPECIAL_TOKENS.index(EOS),
+    }
+    return LlamaConfig(**(settings | overrides))
+
+
+def make_qa_sample(task_type: str, rng: random.Random) -> dict[str, str]:
+    """One prompt/completion row: a fresh story, then the question of `task_type` at the end of the prompt.
+
+    Example:
+        >>> row = make_qa_sample("person_location", random.Random(0))
+        >>> row["prompt"].endswith("?"), row["task"]
+        (True, 'person_location')
+    """
+    task = _task(task_type)
+    while True:
+        world = simulate_world(rng)
+        facts = task.facts(world)
+        if facts:  # e.g. nobody may end up carrying exactly one object; then draw another story
+            break
+    subject, answer = rng.choice(facts)
+    question = task.question.format(subject=subject)
+    prompt = " ".join([*world.sentences, QUESTION_MARKER, question])
+    return {"prompt": prompt, "completion": answer, "task": task_type}
+
+
+def make_qa_dataset(
+    task_types: Sequence[str], n_train: int, n_test: int, seed: int
+) -> dict[str, list[dict[str, str]]]:
+    """Train and held-out test rows, cycling through `task_types`; no prompt occurs twice across both splits.
+
+    Rows are `{"prompt", "completion", "task"}`; the prompt holds no "Answer:", which the instruction
+    template adds.
+
+    Example:
+        >>> data = make_qa_dataset(["person_location", "object_holder"], n_train=4, n_test=2, seed=0)
+        >>> [len(data["train"]), len(data["test"])], data["test"][1]["task"]
+        ([4, 2], 'object_holder')
+    """
+    if not task_types:
+        raise BituneInputError(f"task_types is empty; choose some of {', '.join(TASK_TYPES)}")
+    for task_type in task_types:
+        _task(task_type)
+    for name, count in (("n_train", n_train), ("n_test", n_test)):
+        if count < 0:
+            raise BituneInputError(f"{name} = {count}; give a number of rows >= 0")
+    rng = random.Random(seed)
+    seen: set[str] = set()
+
+    def split(count: int) -> list[dict[str, str]]:
+        rows = []
+        for i in range(count):
+            task_type = task_types[i % len(task_types)]
+            for _ in range(1000):
+                row = make_qa_sample(task_type, rng)
+                if row["prompt"] not in seen:
+                    break
+            else:
+                raise BituneInputError(f"could not draw {count} distinct {task_type!r} prompts; ask for fewer rows")
+            seen.add(row["prompt"])
+            rows.append(row)
+        return rows
+
+    test = split(n_test)  # drawn first, so a test set stays the same whatever n_train is
+    return {"train": split(n_train), "test": test}
+
+
+def make_pretraining_story(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
+    """A story followed by statements of every fact the tasks ask about, in random order.
+
+    Returns the text and its statements as `(task_type, statement)`, in the order they appear. Each answer
+    word is the last word before the closing "." of its statement, so predicting it needs a look-up.
+
+    Example:
+        >>> text, statements = make_pretraining_story(random.Random(0))
+        >>> text.endswith(statements[-1][1])
+        True
+    """
+    world = simulate_world(rng)
+    statements = [
+        (task_type, task.statement.format(subject=subject, answer=answer))
+        for task_type, task in TASKS.items()
+        for subject, answer in task.facts(world)
+    ]
+    rng.shuffle(statements)
+    return " ".join(world.sentences + [statement for _, statement in statements]), statements
+
+
+def make_pretraining_corpus(n_stories: int, seed: int) -> list[str]:
+    """Plain-text stories for pretraining the tiny base model, each closed by statements of its facts.
+
+    Example:
+        >>> corpus = make_pretraining_corpus(2, seed=0)
+        >>> len(corpus), corpus == make_pretraining_corpus(2, seed=0)
+        (2, True)
+    """
+    if n_stories < 0:
+        raise BituneInputError(f"n_stories = {n_stories}; give a number of stories >= 0")
+    rng = random.Random(seed)
+    return [make_pretraining_story(rng)[0] for _ in range(n_stories)]
+
+
+def exact_match(prediction: str, answer: str) -> bool:
+    """Whether the first word of `prediction` is `answer`, ignoring case, special tokens and punctuation.
+
+    Example:
+        >>> exact_match(" Garden.</s>", "garden"), exact_match("kitchen garden", "garden")
+        (True, False)
+    """
+    expected = _first_word(answer)
+    if not expected:
+        raise BituneInputError(f"answer {answer!r} has no word to compare against; give a non-empty answer")
+    return _first_word(prediction) == expected
+
+
+def _first_word(text: str) -> str:
+    for token in SPECIAL_TOKENS:
+        text = text.replace(token, " ")
+    words = text.lower().split()
+    return words[0].strip(string.punctuation) if words else ""
+
+
+def _task(task_type: str) -> Task:
+    if task_type not in TASKS:
+        raise BituneInputError(f"unknown task type {task_type!r}; choose from {', '.join(TASK_TYPES)}")
+    return TASKS[task_type]
+
+
+def _words(texts: Iterable[str]) -> set[str]:
+    return {word for text in texts for word in text.split()}
