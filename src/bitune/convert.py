@@ -6,6 +6,7 @@ untied classifier is appended) followed by fp32 arrays. Its tokenizer file holds
 max_token_length, then per token a float32 score, an int32 byte length and the UTF-8 bytes. The result
 loads with `AutoModelForCausalLM` / `AutoTokenizer`:
 
+    >>> from transformers import AutoModelForCausalLM
     >>> from bitune.convert import convert_llama2c
     >>> folder = convert_llama2c("stories260K.bin", "tok512.bin", "stories260k-hf")  # doctest: +SKIP
     >>> model = AutoModelForCausalLM.from_pretrained(folder)  # doctest: +SKIP
@@ -14,19 +15,18 @@ loads with `AutoModelForCausalLM` / `AutoTokenizer`:
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import struct
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
+from tokenizers import Tokenizer, decoders, normalizers
+from tokenizers.models import BPE
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
 
-from bitune.errors import BituneInputError
+from .errors import BituneInputError
+from .files import atomic_directory
 
 # llama2.c's run.c hard-codes these (RMSNorm eps, RoPE base) rather than storing them in the file.
 LLAMA2C_RMS_NORM_EPS = 1e-5
@@ -34,6 +34,7 @@ LLAMA2C_ROPE_THETA = 10000.0
 # The versioned llama2.c exports (export.py --version 1/2) start with this magic ("ak42" little-endian).
 _LLAMA2C_VERSIONED_MAGIC = 0x616B3432
 _HEADER = struct.Struct("<7i")
+_HEADER_FIELDS = "(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len)"
 _FLOAT32_BYTES = 4
 
 # sentencepiece Llama vocabularies: ids 0-2 are the control tokens, ids 3-258 the byte-fallback pieces.
@@ -145,8 +146,7 @@ def _parse_header(path: Path, data: bytes) -> Llama2cHeader:
         problems.append(f"head size dim/n_heads={dim // n_heads} must be even for RoPE")
     if problems:
         raise BituneInputError(
-            f"{path}: invalid llama2.c header ({'; '.join(problems)}); header fields are "
-            f"{dict(zip(('dim', 'hidden_dim', 'n_layers', 'n_heads', 'n_kv_heads', 'vocab_size', 'seq_len'), fields))}. "
+            f"{path}: invalid llama2.c header ({'; '.join(problems)}); read {_HEADER_FIELDS} = {fields}. "
             "Is this a legacy llama2.c model file?"
         )
     return Llama2cHeader(**named, tied_classifier=vocab_size > 0)
@@ -193,10 +193,8 @@ def read_llama2c_checkpoint(checkpoint: str | Path) -> tuple[LlamaConfig, dict[s
 
     # bytearray: torch.frombuffer needs a writable buffer to hand out ordinary tensors.
     flat = torch.frombuffer(bytearray(data), dtype=torch.float32, offset=_HEADER.size)
-    arrays = dict(
-        zip(shapes, torch.split(flat, [torch.Size(s).numel() for s in shapes.values()]), strict=True)
-    )
-    arrays = {name: arrays[name].view(shape) for name, shape in shapes.items()}
+    chunks = torch.split(flat, [torch.Size(shape).numel() for shape in shapes.values()])
+    arrays = {name: chunk.view(shape) for (name, shape), chunk in zip(shapes.items(), chunks, strict=True)}
 
     embedding = arrays["tok_embeddings"]
     state_dict = {
@@ -256,12 +254,12 @@ def read_llama2c_tokenizer(tokenizer: str | Path) -> list[tuple[str, float]]:
     return pieces
 
 
-def build_llama2c_tokenizer(tokenizer: str | Path) -> LlamaTokenizerFast:
+def build_llama2c_tokenizer(tokenizer: str | Path) -> PreTrainedTokenizerFast:
     """Build a Hugging Face fast tokenizer that encodes text exactly as llama2.c does.
 
-    llama2.c encodes like sentencepiece BPE: prepend a space, map spaces to '▁', merge adjacent pieces
-    by highest vocabulary score, fall back to `<0xXX>` byte pieces. The merges are derived from the scores
-    the way transformers' sentencepiece converters do. BOS (`<s>`, id 1) is added to every encoding;
+    llama2.c encodes like sentencepiece BPE: always prepend a space, map spaces to '▁', merge adjacent
+    pieces by highest vocabulary score, fall back to `<0xXX>` byte pieces. The merges are derived from the
+    scores the way transformers' sentencepiece converters do. BOS (`<s>`, id 1) is added to every encoding;
     `pad_token` is `<unk>` (id 0), which byte fallback never produces, so EOS stays a learnable label.
 
     >>> tok = build_llama2c_tokenizer("tok512.bin")  # doctest: +SKIP
@@ -270,9 +268,10 @@ def build_llama2c_tokenizer(tokenizer: str | Path) -> LlamaTokenizerFast:
     """
     path = Path(tokenizer)
     entries = read_llama2c_tokenizer(path)
-    expected_bytes = _BYTE_PIECES
-    stored_bytes = tuple(piece for piece, _ in entries[_FIRST_BYTE_ID : _FIRST_BYTE_ID + len(_BYTE_PIECES)])
-    if stored_bytes != expected_bytes:
+    stored_byte_pieces = tuple(
+        piece for piece, _ in entries[_FIRST_BYTE_ID : _FIRST_BYTE_ID + len(_BYTE_PIECES)]
+    )
+    if stored_byte_pieces != _BYTE_PIECES:
         raise BituneInputError(
             f"{path}: expected a sentencepiece Llama vocabulary with byte-fallback pieces <0x00>..<0xFF> at "
             f"ids {_FIRST_BYTE_ID}..{_FIRST_BYTE_ID + 255}; this file has {len(entries)} tokens and different pieces there."
@@ -288,20 +287,35 @@ def build_llama2c_tokenizer(tokenizer: str | Path) -> LlamaTokenizerFast:
         )
     scores = {piece: score for piece, (_, score) in zip(pieces, entries, strict=True)}
     merges = generate_merges(vocab, scores, skip_tokens=[*special, *_BYTE_PIECES])
-    return LlamaTokenizerFast(
-        vocab=vocab,
-        merges=merges,
+
+    backend = Tokenizer(
+        BPE(vocab=vocab, merges=merges, unk_token=UNK_TOKEN, fuse_unk=True, byte_fallback=True)
+    )
+    # A normaliser rather than a Metaspace pre-tokeniser: Metaspace skips the prefix when the text already
+    # starts with a space, llama2.c does not.
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(_SPIECE_SPACE), normalizers.Replace(" ", _SPIECE_SPACE)]
+    )
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace(_SPIECE_SPACE, " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(content=" ", left=1),  # drop the prepended space
+        ]
+    )
+    # The generic class keeps this pipeline when reloaded; LlamaTokenizerFast would rebuild its own.
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
         unk_token=UNK_TOKEN,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
         pad_token=UNK_TOKEN,
         add_bos_token=True,
-        add_eos_token=False,
     )
 
 
-def _write_atomically(output_dir: Path, write: Callable[[Path], None], overwrite: bool) -> None:
-    """Run `write(staging_dir)` next to `output_dir`, then rename it into place; leave nothing behind on failure."""
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     if output_dir.exists() and not output_dir.is_dir():
         raise BituneInputError(f"{output_dir}: output path exists and is a file; choose a folder path.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not overwrite:
@@ -309,20 +323,6 @@ def _write_atomically(output_dir: Path, write: Callable[[Path], None], overwrite
             f"{output_dir}: output folder already exists and is not empty; choose another folder or pass "
             "overwrite=True (CLI: --overwrite)."
         )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
-    try:
-        write(staging)
-        if output_dir.is_dir() and any(output_dir.iterdir()):
-            retired = staging.with_suffix(".old")
-            os.replace(output_dir, retired)
-            os.replace(staging, output_dir)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, output_dir)  # POSIX rename may replace an empty folder.
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def convert_llama2c(
@@ -340,6 +340,7 @@ def convert_llama2c(
     5
     """
     output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
     config, state_dict = read_llama2c_checkpoint(checkpoint)
     hf_tokenizer = build_llama2c_tokenizer(tokenizer)
     if len(hf_tokenizer) != config.vocab_size:
@@ -352,11 +353,9 @@ def convert_llama2c(
     model = LlamaForCausalLM(config)
     model.load_state_dict(state_dict, strict=True)
 
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        hf_tokenizer.save_pretrained(folder)
-
-    _write_atomically(output_dir, write, overwrite)
+    with atomic_directory(output_dir) as staging:
+        model.save_pretrained(staging)
+        hf_tokenizer.save_pretrained(staging)
     return output_dir
 
 

@@ -22,8 +22,15 @@ class Mixer(nn.Module):
         super().__init__()
         self.c = c
         self.function = function
-        self.keys = nn.Parameter(torch.full((num_layers,), c, dtype=torch.float32))
-        self.values = nn.Parameter(torch.full((num_layers,), c, dtype=torch.float32))
+        self.keys = nn.Parameter(torch.empty(num_layers, dtype=torch.float32))
+        self.values = nn.Parameter(torch.empty(num_layers, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Every w = c, so every α starts at 0.5."""
+        with torch.no_grad():
+            self.keys.fill_(self.c)
+            self.values.fill_(self.c)
 
     def alpha(self, w: torch.Tensor) -> torch.Tensor:
         magnitude = w.abs() if self.function == "abs" else torch.relu(w)

@@ -1,0 +1,56 @@
+"""The `bitune` command line: one entry point, one sub-command per job.
+
+Each sub-command lives next to the code it drives and contributes two functions: `add_arguments(parser)`
+and `run(args) -> int`. A `BituneInputError` becomes a one-line message and exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .errors import BituneInputError
+
+# name -> (module, adder, runner, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "convert-llama2c": (
+        "bitune.convert",
+        "add_convert_arguments",
+        "run_convert",
+        "convert a llama2.c checkpoint + tokenizer into a Hugging Face model folder",
+    ),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bitune",
+        description="Bidirectional instruction-tuning (Bitune) for Hugging Face causal language models.",
+        epilog="Run `bitune COMMAND --help` for the options of a command.",
+    )
+    parser.add_argument("--version", action="version", version=f"bitune {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, adder, _, summary) in COMMANDS.items():
+        sub = commands.add_parser(name, help=summary, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        getattr(importlib.import_module(module), adder)(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module, _, runner, _ = COMMANDS[args.command]
+    try:
+        return getattr(importlib.import_module(module), runner)(args)
+    except BituneInputError as error:
+        print(f"bitune {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"bitune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
