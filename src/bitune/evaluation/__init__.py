@@ -1,0 +1,1 @@
+"""Evaluation: benchmark tasks (`bitune.evaluation.tasks`) and lm-eval-compatible metrics (`bitune.evaluation.metrics`)."""
