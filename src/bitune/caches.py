@@ -16,14 +16,21 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 
+class PromptEncoded(Exception):
+    """Raised by a `KVRecorder` that stops early: the last layer's keys and values are all the pass needs."""
+
+
 class _RecordingLayer(DynamicLayer):
-    def __init__(self) -> None:
+    def __init__(self, stop: bool = False) -> None:
         super().__init__()
+        self.stop = stop
         self.recorded: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states, value_states, *args, **kwargs):
         # Stored aside (not in .keys) so the cache still reports length 0 to the model's mask builder.
         self.recorded = (key_states, value_states)
+        if self.stop:
+            raise PromptEncoded
         return key_states, value_states
 
 
@@ -36,8 +43,11 @@ class KVRecorder(Cache):
         0
     """
 
-    def __init__(self, num_layers: int) -> None:
-        super().__init__(layers=[_RecordingLayer() for _ in range(num_layers)])
+    def __init__(self, num_layers: int, stop_after_last: bool = False) -> None:
+        # With `stop_after_last`, recording the last layer raises `PromptEncoded`: the prompt pass skips that
+        # layer's attention, MLP and the final norm, which nothing downstream reads.
+        layers = [_RecordingLayer(stop=stop_after_last and i == num_layers - 1) for i in range(num_layers)]
+        super().__init__(layers=layers)
 
     def recorded(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         missing = [i for i, layer in enumerate(self.layers) if layer.recorded is None]

@@ -25,9 +25,10 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .batch import check_batch, positions
-from .caches import KVRecorder, PrefixCache
-from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig, PromptPass
+from .caches import KVRecorder, PrefixCache, PromptEncoded
+from .config import CAUSAL_ADAPTER, BituneConfig, PromptPass
 from .errors import BituneError
+from .layer_sync import layer_synchronous_logits
 from .mixing import Mixer
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
@@ -62,7 +63,9 @@ class PromptState:
         def rep(t: torch.Tensor) -> torch.Tensor:
             return t.repeat_interleave(repeats, dim=0)
 
-        return PromptState([(rep(k), rep(v)) for k, v in self.cache], rep(self.prompt_ids), rep(self.prompt_mask))
+        return PromptState(
+            [(rep(k), rep(v)) for k, v in self.cache], rep(self.prompt_ids), rep(self.prompt_mask)
+        )
 
 
 class BituneModel(nn.Module):
@@ -88,11 +91,24 @@ class BituneModel(nn.Module):
     # The HF Trainer must not assume this forward normalises the loss over the global batch by itself.
     accepts_loss_kwargs = False
 
-    def __init__(self, peft_model: PeftModel, config: BituneConfig, mixer: Mixer | None = None) -> None:
+    def __init__(
+        self,
+        peft_model: PeftModel | PreTrainedModel,
+        config: BituneConfig,
+        mixer: Mixer | None = None,
+        *,
+        merged: bool = False,
+    ) -> None:
         super().__init__()
         self.peft_model = peft_model
         self.bitune_config = config
         self.mixer = mixer
+        # A merged export (`bitune.export`) holds θ_c in its base weights: the causal passes run no adapter;
+        # `peft_model` holds only θ_b (relative to the merged weights), or is the bare model if there is no θ_b.
+        self.merged = merged
+        # Training forward: one traversal of the decoder stack (`bitune.layer_sync`), or, when False, the
+        # three sequential passes of `encode_prompt` + `answer_logits` (the readable reference; same numbers).
+        self.layer_synchronous = True
         self._tuner_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
         self._current_adapter = CAUSAL_ADAPTER
         self._use_adapter(CAUSAL_ADAPTER)
@@ -145,9 +161,7 @@ class BituneModel(nn.Module):
         """Rebuild a saved Bitune model; see `bitune.checkpoint` for the format."""
         from .checkpoint import load_bitune
 
-        return load_bitune(
-            checkpoint_dir, base_model, is_trainable=is_trainable, **from_pretrained_kwargs
-        )
+        return load_bitune(checkpoint_dir, base_model, is_trainable=is_trainable, **from_pretrained_kwargs)
 
     def save_pretrained(self, output_dir: str | Path, tokenizer=None) -> Path:
         """Write the adapters, mixing coefficients, config (and tokenizer) atomically to `output_dir`."""
@@ -160,7 +174,7 @@ class BituneModel(nn.Module):
     @property
     def base_model(self) -> PreTrainedModel:
         """The wrapped causal LM (its linear layers carry the adapters)."""
-        return self.peft_model.get_base_model()
+        return self.peft_model.get_base_model() if isinstance(self.peft_model, PeftModel) else self.peft_model
 
     @property
     def config(self):
@@ -182,7 +196,9 @@ class BituneModel(nn.Module):
             cache = encodings[0]
         return PromptState(cache, prompt_ids, prompt_mask)
 
-    def answer_logits(self, state: PromptState, answer_ids: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    def answer_logits(
+        self, state: PromptState, answer_ids: torch.Tensor, answer_mask: torch.Tensor
+    ) -> torch.Tensor:
         """Answer pass with θ_c from the prompt cache; `logits[:, t]` predicts `answer_ids[:, t]`."""
         tokens = torch.cat([state.prompt_ids[:, -1:], answer_ids[:, :-1]], dim=1)
         mask = torch.cat([state.prompt_mask, answer_mask[:, :-1]], dim=1)
@@ -208,7 +224,9 @@ class BituneModel(nn.Module):
         self._check_activation_checkpointing()
         if self.bitune_config.mode == "baseline":
             logits = self._baseline_logits(prompt_ids, prompt_mask, answer_ids, answer_mask)
-        else:
+        elif self.layer_synchronous:
+            logits = layer_synchronous_logits(self, prompt_ids, prompt_mask, answer_ids, answer_mask)
+        else:  # the three-pass reference
             logits = self.answer_logits(self.encode_prompt(prompt_ids, prompt_mask), answer_ids, answer_mask)
         return answer_loss(logits, answer_ids, answer_mask, num_items_in_batch)
 
@@ -226,11 +244,11 @@ class BituneModel(nn.Module):
             ).logits
 
     def _prompt_pass(self, prompt_pass: PromptPass, ids: torch.Tensor, mask: torch.Tensor) -> KV:
-        recorder = KVRecorder(num_layers(self.base_model))
+        recorder = self._recorder()
         # `is_causal=False` switches every layer of a transformers model to bidirectional attention
         # (sliding-window layers keep their window); padding stays masked.
         direction = {"is_causal": False} if prompt_pass.bidirectional else {}
-        with self._adapter(prompt_pass.adapter):
+        with self._adapter(prompt_pass.adapter), contextlib.suppress(PromptEncoded):
             self.base_model.get_decoder()(
                 input_ids=ids,
                 attention_mask=mask,
@@ -241,9 +259,21 @@ class BituneModel(nn.Module):
             )
         return recorder.recorded()
 
+    def _recorder(self) -> KVRecorder:
+        """A K/V recorder for one prompt pass; it ends the pass at the last layer's K/V unless a checkpointed
+        layer might be replayed in backward (the replay must run the layer the way its first run did)."""
+        return KVRecorder(num_layers(self.base_model), stop_after_last=not self._checkpointing())
+
+    def _checkpointing(self) -> bool:
+        return self.training and any(
+            getattr(m, "gradient_checkpointing", False) for m in self._decoder_layers()
+        )
+
     # ------------------------------------------------------------------ generation
 
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs):
+    def generate(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs
+    ):
         """Like `transformers` `generate`; prefill reads the prompts twice. See `bitune.generation.generate`."""
         from .generation import generate
 
@@ -267,14 +297,17 @@ class BituneModel(nn.Module):
 
     def _use_adapter(self, name: str) -> None:
         self._current_adapter = name
+        active = [] if self.merged and name == CAUSAL_ADAPTER else name  # [] = no adapter, the bare weights
         for layer in self._tuner_layers:
-            layer._active_adapter = name
+            layer._active_adapter = active
 
     def _replay_context(self):
         """`context_fn` for activation checkpointing: replay a layer with the adapter of its first run."""
         return contextlib.nullcontext(), self._adapter(self._current_adapter)
 
-    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, **kwargs
+    ) -> None:
         """Recompute decoder layers in backward, exactly: non-reentrant, with each pass's own adapter."""
         options = dict(activation_checkpointing_kwargs or {})
         if options.get("use_reentrant"):
