@@ -131,21 +131,15 @@ def layer_synchronous_logits(
     ids, mask = prompt_ids[:, :-1], prompt_mask[:, :-1]
     streams = [_prepare_stream(model, p, ids, mask) for p in spec.passes]
     prefix = _JustInTimePrefix(len(layers), ids.shape[1])
-    advancing = False
 
     def advance_prompt_streams(layer: nn.Module, args: tuple) -> None:
-        nonlocal advancing
-        if advancing:  # the prompt streams' own calls of this layer
-            return
         index = layers.index(layer)
-        advancing = True
-        try:
-            for stream in streams:
-                layer_args, layer_kwargs = stream.layer_inputs[index]
-                with model._adapter(stream.prompt_pass.adapter), contextlib.suppress(PromptEncoded):
-                    stream.hidden = layer(stream.hidden, *layer_args, **layer_kwargs)
-        finally:
-            advancing = False
+        for stream in streams:
+            layer_args, layer_kwargs = stream.layer_inputs[index]
+            # `forward`, not `__call__`: this runs inside the answer's call of the layer, whose hooks
+            # (e.g. FSDP2's gather and reshard) then cover all three streams as one unit.
+            with model._adapter(stream.prompt_pass.adapter), contextlib.suppress(PromptEncoded):
+                stream.hidden = layer.forward(stream.hidden, *layer_args, **layer_kwargs)
         recorded = [stream.recorder.layers[index].recorded for stream in streams]
         keys, values = model.mixer.mix(index, *recorded) if spec.mixed else recorded[0]
         prefix.set_prefix(index, keys, values)
