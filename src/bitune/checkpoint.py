@@ -7,7 +7,9 @@
       bidir/                     θ_b, same layout (absent in modes without it)
       tokenizer files            when a tokenizer was given
 
-Everything is safetensors or JSON (no pickle), written atomically.
+Everything is safetensors or JSON (no pickle), written atomically. A merged export (`bitune.export`) has the
+same layout plus the merged base model's own files; its config says `"merged": true` and its base model is the
+folder itself.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from . import __version__
 from .config import BituneConfig
-from .errors import BituneInputError
+from .errors import BituneError, BituneInputError
 from .files import atomic_directory
 from .mixing import Mixer
 
@@ -37,30 +39,47 @@ FORMAT_VERSION = 1
 
 def save_bitune(model: BituneModel, output_dir: str | Path, tokenizer=None) -> Path:
     """Write `model` to `output_dir` (replaced atomically if it exists)."""
+    if model.merged:
+        raise BituneError(
+            "this model is a merged export (bitune.export); copy its folder instead of saving it"
+        )
     output_dir = Path(output_dir)
     adapters = list(model.bitune_config.spec.adapters)
-    base = model.base_model
-    peft_config = model.peft_model.peft_config[adapters[0]]
     with atomic_directory(output_dir) as staging:
         model.peft_model.save_pretrained(staging, selected_adapters=adapters, safe_serialization=True)
-        if model.mixer is not None:
-            state = {k: v.detach().float().cpu().contiguous() for k, v in model.mixer.state_dict().items()}
-            save_file(state, staging / MIXER_FILE)
+        write_mixer(model, staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        config = {
-            "format": "bitune",
-            "format_version": FORMAT_VERSION,
-            "bitune_version": __version__,
-            "base_model": base.config._name_or_path or None,
-            "base_model_class": type(base).__name__,
-            "peft_type": str(peft_config.peft_type.value),
-            "adapters": adapters,
-            "num_layers": base.config.get_text_config(decoder=True).num_hidden_layers,
-            "bitune": model.bitune_config.to_dict(),
-        }
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        write_config(staging, describe(model))
     return output_dir
+
+
+def describe(model: BituneModel) -> dict:
+    """The content of `bitune_config.json` for `model` (`bitune.export` overrides a few fields)."""
+    base = model.base_model
+    adapters = list(model.bitune_config.spec.adapters)
+    return {
+        "format": "bitune",
+        "format_version": FORMAT_VERSION,
+        "bitune_version": __version__,
+        "base_model": base.config._name_or_path or None,
+        "base_model_class": type(base).__name__,
+        "peft_type": str(model.peft_model.peft_config[adapters[0]].peft_type.value),
+        "adapters": adapters,
+        "num_layers": base.config.get_text_config(decoder=True).num_hidden_layers,
+        "bitune": model.bitune_config.to_dict(),
+    }
+
+
+def write_config(folder: Path, config: dict) -> None:
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def write_mixer(model: BituneModel, folder: Path) -> None:
+    """Save the mixing coefficients (if the mode mixes) as float32 safetensors."""
+    if model.mixer is not None:
+        state = {k: v.detach().float().cpu().contiguous() for k, v in model.mixer.state_dict().items()}
+        save_file(state, folder / MIXER_FILE)
 
 
 def read_config(checkpoint_dir: str | Path) -> dict:
@@ -95,7 +114,20 @@ def load_bitune(
 
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
-    if base_model is None:
+    merged = config.get("merged", False)
+    if merged:
+        if base_model is not None:
+            raise BituneInputError(
+                f"{checkpoint_dir} is a merged export that carries its own base weights; load it without "
+                "base_model (pass loading options such as dtype as keyword arguments)"
+            )
+        if is_trainable:
+            raise BituneInputError(
+                f"{checkpoint_dir} is a merged export, for inference only; "
+                "train from the checkpoint it was exported from"
+            )
+        base_model = checkpoint_dir
+    elif base_model is None:
         base_model = config.get("base_model")
         if not base_model:
             raise BituneInputError(
@@ -114,13 +146,16 @@ def load_bitune(
             raise BituneInputError(
                 f"{folder}: adapter_model.safetensors is missing (bitune loads adapters from safetensors only)"
             )
-    peft_model = PeftModel.from_pretrained(
-        base_model, checkpoint_dir / adapters[0], adapter_name=adapters[0], is_trainable=is_trainable
-    )
-    for name in adapters[1:]:
-        peft_model.load_adapter(checkpoint_dir / name, adapter_name=name, is_trainable=is_trainable)
-    if is_trainable:
-        peft_model.set_requires_grad(adapters, True)
+    if adapters:
+        peft_model = PeftModel.from_pretrained(
+            base_model, checkpoint_dir / adapters[0], adapter_name=adapters[0], is_trainable=is_trainable
+        )
+        for name in adapters[1:]:
+            peft_model.load_adapter(checkpoint_dir / name, adapter_name=name, is_trainable=is_trainable)
+        if is_trainable:
+            peft_model.set_requires_grad(adapters, True)
+    else:  # a merged export of a mode without θ_b: the merged base model is the whole model
+        peft_model = base_model
 
     bitune_config = BituneConfig(**config["bitune"])
     mixer = None
@@ -128,7 +163,7 @@ def load_bitune(
         mixer = Mixer(config["num_layers"], c=bitune_config.c, function=bitune_config.mixing)
         mixer.load_state_dict(load_file(checkpoint_dir / MIXER_FILE))
         mixer.to(base_model.device).requires_grad_(is_trainable)
-    model = BituneModel(peft_model, bitune_config, mixer)
+    model = BituneModel(peft_model, bitune_config, mixer, merged=merged)
     return model.train(is_trainable)
 
 

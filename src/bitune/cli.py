@@ -22,6 +22,37 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run_convert",
         "convert a llama2.c checkpoint + tokenizer into a Hugging Face model folder",
     ),
+    "eval": (
+        "bitune.evaluation.runner",
+        "add_eval_arguments",
+        "run_eval",
+        "score a Bitune checkpoint, PEFT adapter or base model on benchmark tasks",
+    ),
+    "lm-eval": (
+        "bitune.evaluation.runner",
+        "add_lm_eval_arguments",
+        "run_lm_eval",
+        "run lm-evaluation-harness with the `bitune` model registered",
+    ),
+    "train": (
+        "bitune.commands",
+        "add_train_arguments",
+        "run_train",
+        "fine-tune a model with Bitune from a YAML config (+ --key value overrides)",
+    ),
+    "generate": (
+        "bitune.commands",
+        "add_generate_arguments",
+        "run_generate",
+        "answer prompts with a trained model",
+    ),
+    "chat": ("bitune.commands", "add_chat_arguments", "run_chat", "talk to a trained model in the terminal"),
+    "export": (
+        "bitune.export",
+        "add_arguments",
+        "run",
+        "write a LoRA checkpoint with θ_c merged into the base weights, for serving at the base model's speed",
+    ),
 }
 
 

@@ -1,0 +1,45 @@
+"""Training Bitune models with the Hugging Face `Trainer`: configs, the trainer, and the `train` entry point.
+
+Example:
+    >>> from bitune.training import load_config, train
+    >>> config = load_config("configs/paper_lora.yaml", ["--model", "google/gemma-2b", "--output_dir", "runs/a"])  # doctest: +SKIP
+    >>> final_checkpoint = train(config)  # doctest: +SKIP
+"""
+
+from .config import (
+    ModelSettings,
+    PeftSettings,
+    TrainConfig,
+    TrainingSettings,
+    ValidationSettings,
+    load_config,
+    parse_overrides,
+)
+from .trainer import (
+    BituneCollator,
+    BituneTrainer,
+    MetricsFileCallback,
+    latest_checkpoint,
+    load_tokenizer,
+    restore_weights,
+    train,
+    training_arguments,
+)
+
+__all__ = [
+    "BituneCollator",
+    "BituneTrainer",
+    "MetricsFileCallback",
+    "ModelSettings",
+    "PeftSettings",
+    "TrainConfig",
+    "TrainingSettings",
+    "ValidationSettings",
+    "latest_checkpoint",
+    "load_config",
+    "load_tokenizer",
+    "parse_overrides",
+    "restore_weights",
+    "train",
+    "training_arguments",
+]
