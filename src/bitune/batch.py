@@ -99,11 +99,21 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def pad_left(rows: Sequence[Sequence[int]], pad_token_id: int = 0) -> Batch:
+    """`input_ids` and `attention_mask` of token lists padded on the left (for generation).
+
+    Example:
+        >>> pad_left([[1, 2], [1, 2, 3]])["input_ids"].tolist()
+        [[0, 1, 2], [1, 2, 3]]
+    """
+    ids, mask = _pad([list(r) for r in rows], pad_token_id, left=True)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
 def left_pad(input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int = 0) -> Batch:
     """Move every row's real tokens to the right edge (generation continues from the last column)."""
     rows = [row[mask.bool()].tolist() for row, mask in zip(input_ids, attention_mask)]
-    ids, mask = _pad(rows, pad_token_id, left=True)
-    return {"input_ids": ids.to(input_ids.device), "attention_mask": mask.to(input_ids.device)}
+    return {k: v.to(input_ids.device) for k, v in pad_left(rows, pad_token_id).items()}
 
 
 def _pad(rows: list[list[int]], pad_token_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -573,22 +573,36 @@ def _tokenize(
 ) -> list[Sample]:
     if not examples:
         return []
-    # Batched calls let a fast tokenizer work in parallel; special tokens are placed by hand below.
-    encode = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
-    prompt_ids = tokenizer(prompts, **encode)["input_ids"]
-    answer_ids = tokenizer(answers, **encode)["input_ids"]
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    prompt_ids = encode_prompts(tokenizer, prompts)
+    answer_ids = tokenizer(answers, **_NO_SPECIAL_TOKENS)["input_ids"]
     samples = []
     for example, prompt, answer in zip(examples, prompt_ids, answer_ids, strict=True):
-        if bos is not None and prompt[:1] != [bos]:  # a chat template may have written BOS already
-            prompt = [bos, *prompt]
         if len(prompt) < 2:
             raise BituneInputError(
                 f"{example.location}: the prompt is {len(prompt)} token long, and Bitune needs at least 2 (it "
                 "encodes all but the last one twice); use a template with text around {prompt}"
             )
-        samples.append(Sample(prompt, [*answer, eos]))
+        samples.append(Sample(prompt, [*answer, tokenizer.eos_token_id]))
     return samples
+
+
+# Batched calls let a fast tokenizer work in parallel; special tokens are placed by hand.
+_NO_SPECIAL_TOKENS = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of rendered prompts exactly as training sees them: the text, with BOS in front once.
+
+    Used for training data and for generation alike, so a tokenizer that does not add BOS by itself (or a
+    chat template that already writes it) gives the same prompt tokens in both.
+
+    Example:
+        >>> encode_prompts(tokenizer, ["Question: Hi\n\nAnswer:"])  # doctest: +SKIP
+        [[1, 894, 29901, ...]]
+    """
+    bos = tokenizer.bos_token_id
+    encoded = tokenizer(list(texts), **_NO_SPECIAL_TOKENS)["input_ids"]
+    return [ids if bos is None or ids[:1] == [bos] else [bos, *ids] for ids in encoded]
 
 
 def _apply_length_policy(

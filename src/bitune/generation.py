@@ -9,8 +9,9 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import DynamicCache, TextIteratorStreamer
 
-from .batch import left_pad
+from .batch import left_pad, pad_left
 from .config import CAUSAL_ADAPTER
+from .data import encode_prompts
 from .errors import BituneInputError
 
 if TYPE_CHECKING:
@@ -97,10 +98,6 @@ def stream(model: BituneModel, tokenizer, prompt: str, **generate_kwargs) -> Ite
 
 
 def _encode(tokenizer, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        encoded = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
-    return {k: encoded[k].to(device) for k in ("input_ids", "attention_mask")}
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batch = pad_left(encode_prompts(tokenizer, prompts), pad_token_id)
+    return {k: v.to(device) for k, v in batch.items()}
