@@ -3,8 +3,12 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from bitune.convert import convert_llama2c
+
+# The test models are tiny: one thread avoids thread start-up costs that dominate their matmuls.
+torch.set_num_threads(1)
 
 # The real data sets live beside the repository (../shared/data) and are never copied into it.
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

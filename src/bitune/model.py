@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .batch import check_batch, positions
 from .caches import KVRecorder, PrefixCache, PromptEncoded
-from .config import CAUSAL_ADAPTER, BituneConfig, PromptPass
+from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig, PromptPass
 from .errors import BituneError
 from .layer_sync import layer_synchronous_logits
 from .mixing import Mixer
@@ -110,6 +110,16 @@ class BituneModel(nn.Module):
         # three sequential passes of `encode_prompt` + `answer_logits` (the readable reference; same numbers).
         self.layer_synchronous = True
         self._tuner_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
+        if merged:
+            # θ_b's LoRA layers are plugged in for the bidirectional pass only; every other pass (decoding
+            # included) runs the bare linear layers, i.e. the plain model at its own speed. Registered here
+            # too, so that `.to()` and the like reach them while they are unplugged.
+            self._merged_lora = nn.ModuleList(self._tuner_layers)
+            self._lora_slots = [
+                _slot(peft_model, name, m)
+                for name, m in peft_model.named_modules()
+                if m in self._tuner_layers
+            ]
         self._current_adapter = CAUSAL_ADAPTER
         self._use_adapter(CAUSAL_ADAPTER)
 
@@ -297,9 +307,12 @@ class BituneModel(nn.Module):
 
     def _use_adapter(self, name: str) -> None:
         self._current_adapter = name
-        active = [] if self.merged and name == CAUSAL_ADAPTER else name  # [] = no adapter, the bare weights
+        if self.merged:
+            for parent, attribute, layer in self._lora_slots:
+                setattr(parent, attribute, layer if name == BIDIR_ADAPTER else layer.get_base_layer())
+            return
         for layer in self._tuner_layers:
-            layer._active_adapter = active
+            layer._active_adapter = name
 
     def _replay_context(self):
         """`context_fn` for activation checkpointing: replay a layer with the adapter of its first run."""
@@ -429,3 +442,9 @@ def check_model_support(model: PreTrainedModel) -> None:
             "bidirectional; use a model family whose forward accepts it (Llama, Mistral, Qwen2/3, Gemma 1-3, "
             "Phi, Phi3, ...) and an attention implementation that honours it (eager or sdpa)"
         )
+
+
+def _slot(root: nn.Module, name: str, module: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute name, module) of the submodule `name` of `root`."""
+    parent, _, attribute = name.rpartition(".")
+    return root.get_submodule(parent), attribute, module
