@@ -102,6 +102,13 @@ def read_config(checkpoint_dir: str | Path) -> dict:
     return config
 
 
+def recorded_base_model(checkpoint_dir: str | Path) -> str | None:
+    """Where the checkpoint's base model comes from: its recorded id/path, or the folder itself for a merged
+    export; None when it was built from a config object."""
+    config = read_config(checkpoint_dir)
+    return str(checkpoint_dir) if config.get("merged", False) else config.get("base_model")
+
+
 def load_bitune(
     checkpoint_dir: str | Path,
     base_model: PreTrainedModel | str | None = None,

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from .checkpoint import read_config
+from .checkpoint import recorded_base_model
 from .data import PLAIN_TEMPLATE
 from .errors import BituneInputError
 from .generation import generate_text, stream
@@ -191,7 +191,7 @@ def load_for_inference(
     from .training import load_tokenizer
 
     checkpoint = Path(checkpoint)
-    base = base_model or read_config(checkpoint).get("base_model")
+    base = base_model or recorded_base_model(checkpoint)
     has_tokenizer = (checkpoint / "tokenizer_config.json").is_file()
     if not has_tokenizer and not base:
         raise BituneInputError(f"{checkpoint} has no tokenizer and names no base model; pass --base-model")
