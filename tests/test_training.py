@@ -423,7 +423,7 @@ def test_unsupported_parallel_setups_are_refused_before_training():
         return str(error.value)
 
     assert "ZeRO-3 is not supported" in refusal(zero_stage=3)
-    assert "FSDP is not supported" in refusal(fsdp=True)
+    assert "FSDP through the Trainer is not supported yet" in refusal(fsdp=True)
     assert "DataParallel" in refusal(n_gpu=2)
     supported = types.SimpleNamespace(
         args=types.SimpleNamespace(n_gpu=1, fsdp=False),

@@ -58,5 +58,5 @@ def test_fsdp_is_refused_at_start_up(base, tmp_path):  # noqa: F811
     config = settings(base, tmp_path / "fsdp", training={"trainer_args": {"fsdp": True}})
     process = torchrun(config, tmp_path, processes=1)  # one process is enough to be "distributed"
     assert "exitcode  : 2" in process.stderr  # the CLI's exit code for a bad setting, not a crash
-    assert "bitune train: error: FSDP is not supported" in process.stderr
+    assert "bitune train: error: FSDP through the Trainer is not supported yet" in process.stderr
     assert not (tmp_path / "fsdp" / "metrics.jsonl").exists()

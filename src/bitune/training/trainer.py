@@ -9,9 +9,9 @@
   tokenizer) plus the trainer's optimizer/scheduler/RNG state, and appears in one rename, so a crash during a
   save leaves the previous checkpoint as the latest;
 * resuming: both adapters and the mixer are loaded back into the live model in place, all still trainable;
-* parallelism: DDP (torchrun, accelerate launch) and DeepSpeed ZeRO-1/2 work; set-ups that shard a layer's
-  parameters (per-layer FSDP, ZeRO-3) are refused at start-up, because the answer pass sends gradients into
-  every layer's prompt passes through the KV cache after that layer's own backward has finished.
+* parallelism: DDP (torchrun, accelerate launch) and DeepSpeed ZeRO-1/2 work; FSDP and ZeRO-3 are refused at
+  start-up until they are validated on GPUs through the Trainer (the layer-synchronous forward already trains
+  exactly under per-layer `fully_shard` at the torch level: tests/test_layer_sync.py).
 
 `train(config)` builds everything from a `TrainConfig` and runs it.
 """
@@ -214,11 +214,10 @@ class BituneTrainer(Trainer):
             )
         if self.args.fsdp or self.is_fsdp_enabled:
             raise BituneInputError(
-                "FSDP is not supported: sharding per layer frees a layer's parameters after that layer's backward, "
-                "but Bitune's answer pass sends gradients into every layer's prompt passes through the KV cache "
-                "afterwards; sharding the whole model as one unit saves no memory over DDP for PEFT training. Use "
-                "DDP (torchrun, or accelerate launch --config_file configs/accelerate/ddp.yaml) or DeepSpeed "
-                "ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml); see docs/training.md"
+                "FSDP through the Trainer is not supported yet: it has not been validated on GPUs (saving sharded "
+                "adapters, the Trainer's FSDP wrapping of a non-PreTrainedModel). Use DDP (torchrun, or accelerate "
+                "launch --config_file configs/accelerate/ddp.yaml) or DeepSpeed ZeRO-2 "
+                "(configs/accelerate/deepspeed_zero2.yaml); see docs/training.md"
             )
 
 
