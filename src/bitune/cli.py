@@ -53,6 +53,18 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run",
         "write a LoRA checkpoint with θ_c merged into the base weights, for serving at the base model's speed",
     ),
+    "experiment": (
+        "bitune.experiment",
+        "add_arguments",
+        "run",
+        "run a grid of Bitune, baseline and ablation trainings (methods x PEFT kinds x seeds), then report",
+    ),
+    "report": (
+        "bitune.report",
+        "add_arguments",
+        "run",
+        "write the report (tables, paired tests, plots) of an experiment folder",
+    ),
 }
 
 

@@ -57,8 +57,8 @@ class PromptState:
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
 
-    def repeat_interleave(self, repeats: int) -> PromptState:
-        """Each prompt `repeats` times in a row, e.g. once per answer option to score."""
+    def repeat_interleave(self, repeats: int | torch.Tensor) -> PromptState:
+        """Each prompt `repeats` times in a row (or `repeats[i]` times), e.g. once per answer option to score."""
 
         def rep(t: torch.Tensor) -> torch.Tensor:
             return t.repeat_interleave(repeats, dim=0)
@@ -210,16 +210,8 @@ class BituneModel(nn.Module):
         self, state: PromptState, answer_ids: torch.Tensor, answer_mask: torch.Tensor
     ) -> torch.Tensor:
         """Answer pass with θ_c from the prompt cache; `logits[:, t]` predicts `answer_ids[:, t]`."""
-        tokens = torch.cat([state.prompt_ids[:, -1:], answer_ids[:, :-1]], dim=1)
-        mask = torch.cat([state.prompt_mask, answer_mask[:, :-1]], dim=1)
         with self._adapter(CAUSAL_ADAPTER):
-            return self.base_model(
-                input_ids=tokens,
-                attention_mask=mask,
-                position_ids=positions(mask)[:, -tokens.shape[1] :],
-                past_key_values=PrefixCache(state.cache),
-                use_cache=True,
-            ).logits
+            return answer_pass_logits(self.base_model, state, answer_ids, answer_mask)
 
     def forward(
         self,
@@ -254,24 +246,17 @@ class BituneModel(nn.Module):
             ).logits
 
     def _prompt_pass(self, prompt_pass: PromptPass, ids: torch.Tensor, mask: torch.Tensor) -> KV:
-        recorder = self._recorder()
-        # `is_causal=False` switches every layer of a transformers model to bidirectional attention
-        # (sliding-window layers keep their window); padding stays masked.
-        direction = {"is_causal": False} if prompt_pass.bidirectional else {}
-        with self._adapter(prompt_pass.adapter), contextlib.suppress(PromptEncoded):
-            self.base_model.get_decoder()(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions(mask),
-                past_key_values=recorder,
-                use_cache=True,
-                **direction,
+        with self._adapter(prompt_pass.adapter):
+            return record_prompt_pass(
+                self.base_model,
+                ids,
+                mask,
+                bidirectional=prompt_pass.bidirectional,
+                stop_early=not self._checkpointing(),
             )
-        return recorder.recorded()
 
     def _recorder(self) -> KVRecorder:
-        """A K/V recorder for one prompt pass; it ends the pass at the last layer's K/V unless a checkpointed
-        layer might be replayed in backward (the replay must run the layer the way its first run did)."""
+        """A K/V recorder for one prompt pass of this model (see `record_prompt_pass`)."""
         return KVRecorder(num_layers(self.base_model), stop_after_last=not self._checkpointing())
 
     def _checkpointing(self) -> bool:
@@ -389,6 +374,49 @@ def answer_loss(
         sample_losses=token_losses.sum(-1) / counts.clamp(min=1),
         num_tokens=counts.sum(),
     )
+
+
+def record_prompt_pass(
+    causal_lm: PreTrainedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    bidirectional: bool,
+    stop_early: bool = True,
+) -> KV:
+    """Each layer's keys and values of one pass of the decoder over (left-padded) prompt tokens.
+
+    `is_causal=False` switches every layer of a transformers model to bidirectional attention (sliding-window
+    layers keep their window); padding stays masked. With `stop_early` the pass ends at the last layer's keys
+    and values, skipping that layer's attention and MLP, which nothing reads (not under activation
+    checkpointing: a replayed layer must run the way its first run did).
+    """
+    recorder = KVRecorder(num_layers(causal_lm), stop_after_last=stop_early)
+    direction = {"is_causal": False} if bidirectional else {}
+    with contextlib.suppress(PromptEncoded):
+        causal_lm.get_decoder()(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions(mask),
+            past_key_values=recorder,
+            use_cache=True,
+            **direction,
+        )
+    return recorder.recorded()
+
+
+def answer_pass_logits(
+    causal_lm: PreTrainedModel, state: PromptState, answer_ids: torch.Tensor, answer_mask: torch.Tensor
+) -> torch.Tensor:
+    """The answer pass: `[prompt[-1], answer[:-1]]` read causally after the cached `prompt[:-1]`."""
+    tokens = torch.cat([state.prompt_ids[:, -1:], answer_ids[:, :-1]], dim=1)
+    mask = torch.cat([state.prompt_mask, answer_mask[:, :-1]], dim=1)
+    return causal_lm(
+        input_ids=tokens,
+        attention_mask=mask,
+        position_ids=positions(mask)[:, -tokens.shape[1] :],
+        past_key_values=PrefixCache(state.cache),
+        use_cache=True,
+    ).logits
 
 
 def num_layers(model: PreTrainedModel) -> int:

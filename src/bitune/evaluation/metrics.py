@@ -204,6 +204,29 @@ def score_task(task: Task, predictions: Sequence[Sequence[float]] | Sequence[str
     return summarize(task.name, scores, [item.group for item in task.items])
 
 
+def average_over_tasks(results: Sequence[TaskResult]) -> dict[str, Estimate]:
+    """Each metric averaged over the tasks that report it, every task weighing the same.
+
+    A grouped task counts once, with its micro average; the standard error is that of a mean of independent
+    estimates, sqrt(sum of squared errors) / k, and `n` counts the items of all those tasks.
+
+    Example:
+        >>> average_over_tasks([summarize("a", [{"acc": 1.0}, {"acc": 1.0}]),
+        ...                     summarize("b", [{"acc": 0.0}, {"acc": 1.0}])])["acc"]
+        Estimate(value=0.75, stderr=0.25, n=4)
+    """
+    names = list(dict.fromkeys(name for result in results for name in result.metrics))
+    average = {}
+    for name in names:
+        estimates = [result.metrics[name] for result in results if name in result.metrics]
+        average[name] = Estimate(
+            math.fsum(e.value for e in estimates) / len(estimates),
+            math.sqrt(math.fsum(e.stderr**2 for e in estimates)) / len(estimates),
+            sum(e.n for e in estimates),
+        )
+    return average
+
+
 def format_results_table(results: Sequence[TaskResult]) -> str:
     """Render results as an aligned plain-text table: one row per task/group and metric.
 
@@ -243,6 +266,7 @@ def format_results_table(results: Sequence[TaskResult]) -> str:
 __all__ = [
     "Estimate",
     "TaskResult",
+    "average_over_tasks",
     "extract_flexible_answer",
     "extract_strict_answer",
     "format_results_table",
