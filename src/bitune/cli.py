@@ -16,6 +16,12 @@ from .errors import BituneInputError
 
 # name -> (module, adder, runner, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "demo": (
+        "bitune.demo",
+        "add_arguments",
+        "run",
+        "the self-contained demo: synthetic data, a tiny pretrained model, Bitune tuning, accuracy",
+    ),
     "convert-llama2c": (
         "bitune.convert",
         "add_convert_arguments",

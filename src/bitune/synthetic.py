@@ -10,10 +10,10 @@ Two products come out of the same stories:
 * instruction data (`make_qa_dataset`): the story, then a question at the very end of the prompt
   ("question : where is the ball ?") and a one-word answer ("garden"). As the question comes last, a
   causal reader meets every fact before it knows which ones matter; a bidirectional reading of the prompt
-  can let the facts see the question.
-* a pretraining corpus (`make_pretraining_corpus`): the same stories followed by statements of the facts
-  the questions ask about ("the ball is in the garden ."), so that a tiny base model learns to look facts
-  up in its context before it is ever instruction-tuned (docs: small_scale.md).
+  lets the facts see the question.
+* a pretraining corpus (`make_pretraining_corpus`): the same kind of stories, with statements of the facts
+  the questions ask about ("the ball is in the garden .") inside and after them, so that a tiny base model
+  learns to look facts up in its context before it is ever instruction-tuned (docs: small_scale.md).
 
 Everything is lowercase words and punctuation separated by spaces, so the closed word-level vocabulary of
 `build_tokenizer` covers every generated text exactly.
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import random
 import string
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,9 +48,54 @@ SPECIAL_TOKENS = (PAD, UNK, BOS, EOS)  # in this order, so their ids are 0, 1, 2
 QUESTION_MARKER = "question :"
 _TEMPLATE_WORDS = ("question", "answer", ":")
 
-PEOPLE_PER_STORY = 3
-OBJECTS_PER_STORY = 2
-EVENTS_PER_STORY = (4, 7)  # inclusive range, on top of every person's first move
+
+@dataclass(frozen=True)
+class StorySettings:
+    """How big the stories are and how densely the pretraining corpus states their facts.
+
+    Args:
+        people: people per story; each moves once at the start, so everyone has a location.
+        objects: objects per story that can be taken (at most 3, the largest count word).
+        events: inclusive range of random moves, takes and hand-overs after the first moves.
+        stated_changes: pretraining only; after each sentence, the chance that a fact it just changed is
+            stated ("mary went to the cellar . mary is in the cellar ."): short-range copies from which the
+            look-up skill grows quickly.
+        spot_checks: pretraining only; after each sentence, the chance that some current fact is stated.
+        closing_statements: pretraining only; how many facts, in random order, close a story (None: all).
+
+    Example:
+        >>> StorySettings(people=2).events
+        (4, 7)
+    """
+
+    people: int = 3
+    objects: int = 2
+    events: tuple[int, int] = (4, 7)
+    stated_changes: float = 0.6
+    spot_checks: float = 0.3
+    closing_statements: int | None = None
+
+    def __post_init__(self) -> None:
+        limits = {"people": (1, len(NAMES)), "objects": (1, len(COUNT_WORDS) - 1)}
+        for name, (low, high) in limits.items():
+            if not low <= getattr(self, name) <= high:
+                raise BituneInputError(f"StorySettings.{name} = {getattr(self, name)}; use {low} to {high}")
+        if not 0 <= self.events[0] <= self.events[1]:
+            raise BituneInputError(
+                f"StorySettings.events = {self.events}; use (low, high) with 0 <= low <= high"
+            )
+        for name in ("stated_changes", "spot_checks"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise BituneInputError(
+                    f"StorySettings.{name} = {getattr(self, name)}; use a probability in [0, 1]"
+                )
+        if self.closing_statements is not None and self.closing_statements < 0:
+            raise BituneInputError(
+                f"StorySettings.closing_statements = {self.closing_statements}; use >= 0 or None"
+            )
+
+
+DEFAULT_SETTINGS = StorySettings()
 
 
 @dataclass
@@ -71,12 +116,12 @@ class Task:
     """One kind of question: how to ask it, how to state its answer, and which (subject, answer) a world has."""
 
     question: str  # "{subject}" is filled in
-    statement: str  # "{subject}" and "{answer}" are filled in; the answer comes last so it can be predicted
+    statement: str  # "{subject}" and "{answer}" are filled in; the subject comes first
     facts: Callable[[World], list[tuple[str, str]]]
 
 
 TASKS: dict[str, Task] = {
-    # last place of a person who may have moved several times
+    # the last place of a person who may have moved several times
     "person_location": Task(
         question="where is {subject} ?",
         statement="{subject} is in the {answer} .",
@@ -109,19 +154,20 @@ TASKS: dict[str, Task] = {
 }
 TASK_TYPES = tuple(TASKS)
 
+Statement = tuple[str, str, str]  # (task type, text, answer word)
 
-def simulate_world(rng: random.Random) -> World:
-    """Draw entities and a random sequence of moves, takes and hand-overs; return the story and its state.
 
-    Every person moves first (so everyone has a location), then 4-7 random events follow.
+def play_world(rng: random.Random, settings: StorySettings = DEFAULT_SETTINGS) -> Iterator[World]:
+    """Draw entities and a random sequence of moves, takes and hand-overs; yield the world after each sentence.
+
+    The same `World` object grows with every step; everyone moves first, then the random events follow.
 
     Example:
-        >>> world = simulate_world(random.Random(0))
-        >>> set(world.location) == set(world.people)
-        True
+        >>> [len(world.sentences) for world in play_world(random.Random(0), StorySettings(events=(2, 2)))]
+        [1, 2, 3, 4, 5]
     """
-    world = World(people=tuple(rng.sample(NAMES, PEOPLE_PER_STORY)))
-    objects = rng.sample(OBJECTS, OBJECTS_PER_STORY)
+    world = World(people=tuple(rng.sample(NAMES, settings.people)))
+    objects = rng.sample(OBJECTS, settings.objects)
 
     def move(person: str) -> None:
         place = rng.choice([p for p in PLACES if p != world.location.get(person)])
@@ -130,9 +176,12 @@ def simulate_world(rng: random.Random) -> World:
 
     for person in rng.sample(world.people, len(world.people)):
         move(person)
-    for _ in range(rng.randint(*EVENTS_PER_STORY)):
+        yield world
+    for _ in range(rng.randint(*settings.events)):
         free = [obj for obj in objects if obj not in world.holder]
-        kinds = ["move"] + ["take"] * bool(free) + ["hand_over"] * bool(world.holder)
+        kinds = (
+            ["move"] + ["take"] * bool(free) + ["hand_over"] * bool(world.holder and len(world.people) > 1)
+        )
         kind = rng.choice(kinds)
         if kind == "move":
             move(rng.choice(world.people))
@@ -146,7 +195,34 @@ def simulate_world(rng: random.Random) -> World:
             receiver = rng.choice([p for p in world.people if p != giver])
             world.holder[obj] = receiver
             world.sentences.append(f"{receiver} got the {obj} from {giver} .")
+        yield world
+
+
+def simulate_world(rng: random.Random, settings: StorySettings = DEFAULT_SETTINGS) -> World:
+    """A whole story and the state it leaves behind.
+
+    Example:
+        >>> world = simulate_world(random.Random(0))
+        >>> set(world.location) == set(world.people)
+        True
+    """
+    *_, world = play_world(rng, settings)  # every step yields the same, finally complete, world
     return world
+
+
+def statements(world: World) -> list[Statement]:
+    """Every fact the tasks can ask about in `world`, as `(task_type, statement, answer)`.
+
+    Example:
+        >>> world = World(people=("mary",), location={"mary": "garden"})
+        >>> statements(world)
+        [('person_location', 'mary is in the garden .', 'garden'), ('object_count', 'mary has zero objects .', 'zero')]
+    """
+    return [
+        (task_type, task.statement.format(subject=subject, answer=answer), answer)
+        for task_type, task in TASKS.items()
+        for subject, answer in task.facts(world)
+    ]
 
 
 def vocabulary() -> list[str]:
@@ -209,6 +285,8 @@ def pretrain_config(vocab_size: int, **overrides: Any) -> LlamaConfig:
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "max_position_embeddings": 512,
+        # Larger than Llama's 0.02: tiny models trained for minutes leave their initial plateau much sooner.
+        "initializer_range": 0.06,
         "pad_token_id": SPECIAL_TOKENS.index(PAD),
         "bos_token_id": SPECIAL_TOKENS.index(BOS),
         "eos_token_id": SPECIAL_TOKENS.index(EOS),
@@ -216,7 +294,9 @@ def pretrain_config(vocab_size: int, **overrides: Any) -> LlamaConfig:
     return LlamaConfig(**(settings | overrides))
 
 
-def make_qa_sample(task_type: str, rng: random.Random) -> dict[str, str]:
+def make_qa_sample(
+    task_type: str, rng: random.Random, settings: StorySettings = DEFAULT_SETTINGS
+) -> dict[str, str]:
     """One prompt/completion row: a fresh story, then the question of `task_type` at the end of the prompt.
 
     Example:
@@ -226,23 +306,26 @@ def make_qa_sample(task_type: str, rng: random.Random) -> dict[str, str]:
     """
     task = _task(task_type)
     while True:
-        world = simulate_world(rng)
+        world = simulate_world(rng, settings)
         facts = task.facts(world)
         if facts:  # e.g. nobody may end up carrying exactly one object; then draw another story
             break
     subject, answer = rng.choice(facts)
-    question = task.question.format(subject=subject)
-    prompt = " ".join([*world.sentences, QUESTION_MARKER, question])
+    prompt = " ".join([*world.sentences, QUESTION_MARKER, task.question.format(subject=subject)])
     return {"prompt": prompt, "completion": answer, "task": task_type}
 
 
 def make_qa_dataset(
-    task_types: Sequence[str], n_train: int, n_test: int, seed: int
+    task_types: Sequence[str],
+    n_train: int,
+    n_test: int,
+    seed: int,
+    settings: StorySettings = DEFAULT_SETTINGS,
 ) -> dict[str, list[dict[str, str]]]:
     """Train and held-out test rows, cycling through `task_types`; no prompt occurs twice across both splits.
 
     Rows are `{"prompt", "completion", "task"}`; the prompt holds no "Answer:", which the instruction
-    template adds.
+    template adds. The test split does not depend on `n_train`.
 
     Example:
         >>> data = make_qa_dataset(["person_location", "object_holder"], n_train=4, n_test=2, seed=0)
@@ -264,11 +347,13 @@ def make_qa_dataset(
         for i in range(count):
             task_type = task_types[i % len(task_types)]
             for _ in range(1000):
-                row = make_qa_sample(task_type, rng)
+                row = make_qa_sample(task_type, rng, settings)
                 if row["prompt"] not in seen:
                     break
             else:
-                raise BituneInputError(f"could not draw {count} distinct {task_type!r} prompts; ask for fewer rows")
+                raise BituneInputError(
+                    f"could not draw {count} distinct {task_type!r} prompts; ask for fewer rows"
+                )
             seen.add(row["prompt"])
             rows.append(row)
         return rows
@@ -277,29 +362,45 @@ def make_qa_dataset(
     return {"train": split(n_train), "test": test}
 
 
-def make_pretraining_story(rng: random.Random) -> tuple[str, list[tuple[str, str]]]:
-    """A story followed by statements of every fact the tasks ask about, in random order.
+def make_pretraining_story(
+    rng: random.Random, settings: StorySettings = DEFAULT_SETTINGS
+) -> tuple[str, list[Statement]]:
+    """A story with statements of its facts: some right after the events, then closing ones in random order.
 
-    Returns the text and its statements as `(task_type, statement)`, in the order they appear. Each answer
-    word is the last word before the closing "." of its statement, so predicting it needs a look-up.
+    Returns the text and its statements as `(task_type, statement, answer)`, in the order they appear.
+    Each statement names its subject before its answer, so predicting the answer word needs a look-up.
 
     Example:
-        >>> text, statements = make_pretraining_story(random.Random(0))
-        >>> text.endswith(statements[-1][1])
+        >>> text, said = make_pretraining_story(random.Random(0))
+        >>> text.endswith(said[-1][1])
         True
     """
-    world = simulate_world(rng)
-    statements = [
-        (task_type, task.statement.format(subject=subject, answer=answer))
-        for task_type, task in TASKS.items()
-        for subject, answer in task.facts(world)
-    ]
-    rng.shuffle(statements)
-    return " ".join(world.sentences + [statement for _, statement in statements]), statements
+    parts: list[str] = []
+    said: list[Statement] = []
+    before: list[Statement] = []
+    for world in play_world(rng, settings):
+        parts.append(world.sentences[-1])
+        now = statements(world)
+        changed = [statement for statement in now if statement not in before]
+        before = now
+        if changed and rng.random() < settings.stated_changes:
+            said.append(rng.choice(changed))
+            parts.append(said[-1][1])
+        if rng.random() < settings.spot_checks:
+            said.append(rng.choice(now))
+            parts.append(said[-1][1])
+    closing = statements(world)
+    rng.shuffle(closing)
+    closing = closing[: settings.closing_statements]
+    said += closing
+    parts += [text for _, text, _ in closing]
+    return " ".join(parts), said
 
 
-def make_pretraining_corpus(n_stories: int, seed: int) -> list[str]:
-    """Plain-text stories for pretraining the tiny base model, each closed by statements of its facts.
+def make_pretraining_corpus(
+    n_stories: int, seed: int, settings: StorySettings = DEFAULT_SETTINGS
+) -> list[str]:
+    """Plain-text stories for pretraining the tiny base model: facts stated in context, no questions.
 
     Example:
         >>> corpus = make_pretraining_corpus(2, seed=0)
@@ -309,7 +410,7 @@ def make_pretraining_corpus(n_stories: int, seed: int) -> list[str]:
     if n_stories < 0:
         raise BituneInputError(f"n_stories = {n_stories}; give a number of stories >= 0")
     rng = random.Random(seed)
-    return [make_pretraining_story(rng)[0] for _ in range(n_stories)]
+    return [make_pretraining_story(rng, settings)[0] for _ in range(n_stories)]
 
 
 def exact_match(prediction: str, answer: str) -> bool:
@@ -336,7 +437,3 @@ def _task(task_type: str) -> Task:
     if task_type not in TASKS:
         raise BituneInputError(f"unknown task type {task_type!r}; choose from {', '.join(TASK_TYPES)}")
     return TASKS[task_type]
-
-
-def _words(texts: Iterable[str]) -> set[str]:
-    return {word for text in texts for word in text.split()}

@@ -1,0 +1,115 @@
+"""Training throughput of Bitune against plain PEFT fine-tuning, next to the physical bound.
+
+For a sample of P prompt and T answer tokens, plain fine-tuning processes P+T tokens and Bitune
+(P−1)+(P−1)+(T+1), so Bitune's best throughput relative to plain fine-tuning is B = (P+T)/(2P+T−1).
+This script measures R = Bitune/baseline samples per second against two baselines:
+
+* stock:    a PEFT model's ordinary forward with labels (logits at every position, as TRL's SFT does);
+* baseline: plain PEFT fine-tuning with logits only where the loss needs them (Bitune's "baseline" mode).
+
+A step is forward + backward + AdamW on the trainable parameters, with and without activation checkpointing.
+
+    python benchmarks/train_throughput.py                 # the issue's CPU setting, ~5 minutes on 2 cores
+    python benchmarks/train_throughput.py --quick         # ~1-minute smoke run
+    python benchmarks/train_throughput.py --device cuda --dtype bfloat16 --model-size 1b
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from typing import Any
+
+import common
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common.add_common_arguments(parser, repeats=5)
+    common.add_training_arguments(parser)
+    parser.add_argument(
+        "--checkpointing",
+        nargs="+",
+        choices=["off", "on"],
+        default=["off", "on"],
+        help="activation checkpointing settings to measure (default: off on)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes, args.repeats = args.shapes[:1], 1
+    return args
+
+
+def measure(args: argparse.Namespace, base, checkpointing: bool, shape: tuple[int, int]) -> dict[str, Any]:
+    """Time a training step of every configuration on one shape, all interleaved in every repetition."""
+    prompt_length, answer_length = shape
+    batch = common.random_batch(args.batch_size, *shape, base.config.vocab_size, args.device)
+    steps = {}
+    for kind in common.KINDS:
+        model = common.wrap(kind, base)
+        if checkpointing:
+            common.enable_checkpointing(model)
+        steps[kind] = common.timed(common.training_step(kind, model, batch), args.device)
+    seconds = common.interleaved(steps, args.repeats, args.warmup)
+    row: dict[str, Any] = {
+        "P": prompt_length,
+        "T": answer_length,
+        "checkpointing": checkpointing,
+        "batch_size": args.batch_size,
+        "B": common.bound(prompt_length, answer_length),
+        "seconds": seconds,
+    }
+    for kind, times in seconds.items():
+        row[f"{kind}_samples_per_s"] = args.batch_size / statistics.median(times)
+        row[f"{kind}_tokens_per_s"] = row[f"{kind}_samples_per_s"] * (prompt_length + answer_length)
+    for baseline in ("baseline", "stock"):
+        row[f"R_{baseline}"] = common.median_ratio(seconds[baseline], seconds["bitune"])
+        row[f"R_{baseline}_over_B"] = row[f"R_{baseline}"] / row["B"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    common.setup(args)
+    common.warn_if_busy(args)
+    base = common.build_base(args)
+    common.announce(args, base)
+    rows = []
+    for setting in args.checkpointing:
+        for shape in args.shapes:
+            row = measure(args, base, setting == "on", shape)
+            rows.append(row)
+            print(
+                f"  P={row['P']} T={row['T']} checkpointing={setting}: R_baseline={row['R_baseline']:.3f} "
+                f"R_stock={row['R_stock']:.3f} B={row['B']:.3f}",
+                flush=True,
+            )
+    throughput = [
+        {"P": r["P"], "T": r["T"], "checkpointing": r["checkpointing"], "configuration": kind,
+         "samples/s": r[f"{kind}_samples_per_s"], "tokens/s": r[f"{kind}_tokens_per_s"]}
+        for r in rows
+        for kind in common.KINDS
+    ]  # fmt: skip
+    common.print_table(
+        f"Training throughput (batch {args.batch_size}, median of {args.repeats} repetitions)",
+        throughput,
+        ["P", "T", "checkpointing", "configuration", "samples/s", "tokens/s"],
+    )
+    common.print_table(
+        "Bitune against the baselines: R = Bitune/baseline samples/s (median of per-repetition ratios), "
+        "B = (P+T)/(2P+T-1)",
+        rows,
+        ["P", "T", "checkpointing", "B", "R_baseline", "R_baseline_over_B", "R_stock", "R_stock_over_B"],
+    )
+    results = {
+        "benchmark": "train_throughput",
+        "environment": common.environment(args, common.parameter_count(base)),
+        "rows": rows,
+    }
+    common.write_results(args, "train_throughput", results)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,98 @@
+"""Smoke test of the benchmark scripts: each runs end to end on a tiny model and writes its JSON.
+
+No timing is asserted (the numbers of a tiny model on a shared machine mean nothing); the point is that the
+scripts keep working as the library changes. They run in this process through their `main(argv)` (one
+interpreter start-up instead of four); the memory script still measures in child processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+TINY = ["--model-size", "tiny", "--quick", "--threads", "1"]
+TRAINING = ["--shapes", "6x3", "--batch-size", "2"]
+ARGUMENTS = {
+    "train_throughput": [*TINY, *TRAINING, "--repeats", "1", "--warmup", "0"],
+    "reference_style": [*TINY, *TRAINING, "--repeats", "1", "--warmup", "0"],
+    "inference": [
+        *TINY,
+        "--prompt-length",
+        "6",
+        "--new-tokens",
+        "3",
+        "--batch-sizes",
+        "1",
+        "2",
+        "--repeats",
+        "1",
+    ],
+    "memory": [*TINY, *TRAINING],
+    "last_layer": [*TINY, *TRAINING, "--repeats", "1", "--warmup", "0"],
+}
+
+ROW_KEYS = {
+    "train_throughput": {
+        "P", "T", "checkpointing", "B", "seconds", "R_baseline", "R_stock", "R_baseline_over_B", "R_stock_over_B",
+        "stock_samples_per_s", "baseline_samples_per_s", "bitune_samples_per_s", "bitune_tokens_per_s",
+    },
+    "reference_style": {"P", "T", "seconds", "reference_style_samples_per_s", "bitune_samples_per_s", "speedup"},
+    "inference": {
+        "batch_size", "plain_prefill_ms", "bitune_prefill_ms", "prefill_ratio", "prefill_bound",
+        "plain_decode_ms", "bitune_decode_ms", "decode_ratio",
+    },
+    "last_layer": {"P", "T", "seconds", "skipped_step_s", "computed_step_s", "computed_over_skipped"},
+    "memory": {
+        "P", "T", "checkpointing", "stock_step_mib", "baseline_step_mib", "bitune_step_mib", "bitune_peak_mib",
+        "step_ratio_baseline", "step_ratio_stock", "peak_ratio_baseline", "bound",
+    },
+}  # fmt: skip
+
+# How many rows each run above produces: checkpointing off/on for the training scripts, one per batch size.
+ROWS = {"train_throughput": 2, "reference_style": 1, "inference": 2, "memory": 2, "last_layer": 1}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Run every script once; the parsed JSON of each. Leaves this process's global state as it found it."""
+    folder = tmp_path_factory.mktemp("benchmarks")
+    sys.path.insert(0, str(BENCHMARKS))
+    verbosity, threads = transformers.logging.get_verbosity(), torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(), warnings.catch_warnings():
+            for name, arguments in ARGUMENTS.items():
+                importlib.import_module(name).main([*arguments, "--output", str(folder / f"{name}.json")])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        for name in [*ARGUMENTS, "common"]:
+            sys.modules.pop(name, None)
+        transformers.logging.set_verbosity(verbosity)
+        torch.set_num_threads(threads)
+    return {name: json.loads((folder / f"{name}.json").read_text()) for name in ARGUMENTS}
+
+
+@pytest.mark.parametrize("name", list(ARGUMENTS))
+def test_script_writes_its_results(results: dict[str, dict], name: str) -> None:
+    result = results[name]
+    assert result["benchmark"] == name
+    assert result["environment"]["model_size"] == "tiny"
+    assert result["environment"]["parameters"] > 0
+    assert len(result["rows"]) == ROWS[name]
+    for row in result["rows"]:
+        assert ROW_KEYS[name] <= row.keys()
+
+
+def test_training_bound_is_the_issues_formula(results: dict[str, dict]) -> None:
+    row = results["train_throughput"]["rows"][0]
+    assert (row["P"], row["T"]) == (6, 3)
+    assert row["B"] == pytest.approx((6 + 3) / (2 * 6 + 3 - 1))
+    assert row["R_baseline_over_B"] == pytest.approx(row["R_baseline"] / row["B"])
