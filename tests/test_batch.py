@@ -18,8 +18,10 @@ def test_collate_pads_prompts_left_and_answers_right():
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_split_sequences_recovers_prompts_and_answers(side):
-    ids = torch.tensor([[1, 5, 6, 8, 2], [1, 7, 9, 2, 0]]) if side == "right" else torch.tensor(
-        [[1, 5, 6, 8, 2], [0, 1, 7, 9, 2]]
+    ids = (
+        torch.tensor([[1, 5, 6, 8, 2], [1, 7, 9, 2, 0]])
+        if side == "right"
+        else torch.tensor([[1, 5, 6, 8, 2], [0, 1, 7, 9, 2]])
     )
     batch = split_sequences(ids, ids.ne(0).long(), [3, 2])
     expected = collate([[1, 5, 6], [1, 7]], [[8, 2], [9, 2]])

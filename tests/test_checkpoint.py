@@ -43,10 +43,19 @@ def test_save_then_load_gives_identical_outputs_and_generation(tmp_path, mode):
 
 
 def test_layout_and_config(tmp_path):
-    model = trained(peft=IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]))
+    model = trained(
+        peft=IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    )
     model.save_pretrained(tmp_path / "ckpt")
-    names = {p.relative_to(tmp_path / "ckpt").as_posix() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()}
-    assert {CONFIG_FILE, MIXER_FILE, "causal/adapter_model.safetensors", "bidir/adapter_model.safetensors"} <= names
+    names = {
+        p.relative_to(tmp_path / "ckpt").as_posix() for p in (tmp_path / "ckpt").rglob("*") if p.is_file()
+    }
+    assert {
+        CONFIG_FILE,
+        MIXER_FILE,
+        "causal/adapter_model.safetensors",
+        "bidir/adapter_model.safetensors",
+    } <= names
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
     config = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
     assert config["peft_type"] == "IA3" and config["adapters"] == ["causal", "bidir"]

@@ -22,7 +22,11 @@ def bitune(family: str = "llama", mode: str = "bitune") -> BituneModel:
 def greedy(model: BituneModel, prompts: list[list[int]]) -> list[list[int]]:
     batch = collate(prompts, [[2]] * len(prompts))
     output = model.generate(
-        batch["prompt_ids"], batch["prompt_mask"], max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None
+        batch["prompt_ids"],
+        batch["prompt_mask"],
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=None,
     )
     return output[:, batch["prompt_ids"].shape[1] :].tolist()
 
@@ -59,11 +63,23 @@ def test_sampling_arguments_pass_through():
     model = bitune()
     batch = collate(PROMPTS, [[2]] * 3)
     torch.manual_seed(0)
-    first = model.generate(batch["prompt_ids"], batch["prompt_mask"], do_sample=True, temperature=0.7, top_p=0.9,
-                           max_new_tokens=5)
+    first = model.generate(
+        batch["prompt_ids"],
+        batch["prompt_mask"],
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        max_new_tokens=5,
+    )
     torch.manual_seed(0)
-    second = model.generate(batch["prompt_ids"], batch["prompt_mask"], do_sample=True, temperature=0.7, top_p=0.9,
-                            max_new_tokens=5)
+    second = model.generate(
+        batch["prompt_ids"],
+        batch["prompt_mask"],
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        max_new_tokens=5,
+    )
     assert torch.equal(first, second) and first.shape[1] == batch["prompt_ids"].shape[1] + 5
 
 
@@ -91,8 +107,9 @@ def test_trained_tiny_model_with_alpha_zero_tells_its_known_story(stories260k):
 
 def test_streaming_yields_the_same_text_as_generate(stories260k):
     tokenizer = AutoTokenizer.from_pretrained(stories260k)
-    model = BituneModel.from_base(AutoModelForCausalLM.from_pretrained(stories260k),
-                                  LoraConfig(r=4, target_modules="all-linear")).eval()
+    model = BituneModel.from_base(
+        AutoModelForCausalLM.from_pretrained(stories260k), LoraConfig(r=4, target_modules="all-linear")
+    ).eval()
     kwargs = dict(max_new_tokens=12, do_sample=False)
     pieces = list(stream(model, tokenizer, "Once upon a time", **kwargs))
     assert len(pieces) > 1
@@ -101,9 +118,11 @@ def test_streaming_yields_the_same_text_as_generate(stories260k):
 
 def test_stop_strings_end_generation(stories260k):
     tokenizer = AutoTokenizer.from_pretrained(stories260k)
-    model = BituneModel.from_base(AutoModelForCausalLM.from_pretrained(stories260k),
-                                  LoraConfig(r=4, target_modules="all-linear")).eval()
+    model = BituneModel.from_base(
+        AutoModelForCausalLM.from_pretrained(stories260k), LoraConfig(r=4, target_modules="all-linear")
+    ).eval()
     free = generate_text(model, tokenizer, ["Once upon a time"], max_new_tokens=30, do_sample=False)[0]
-    stopped = generate_text(model, tokenizer, ["Once upon a time"], max_new_tokens=30, do_sample=False,
-                            stop_strings=["Lily"])[0]
+    stopped = generate_text(
+        model, tokenizer, ["Once upon a time"], max_new_tokens=30, do_sample=False, stop_strings=["Lily"]
+    )[0]
     assert "Lily" in free and stopped.endswith("Lily") and len(stopped) < len(free)

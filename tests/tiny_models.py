@@ -66,7 +66,10 @@ ATTENTION = {"gemma2": "eager"}
 def tiny_model(family: str = "llama", seed: int = 0, num_layers: int = 2, **overrides) -> torch.nn.Module:
     model_class, config_class, extra = FAMILIES[family]
     if family == "gemma3":  # alternate sliding-window and full-attention layers
-        extra = {**extra, "layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)]}
+        extra = {
+            **extra,
+            "layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(num_layers)],
+        }
     config = config_class(**{**COMMON, **extra, "num_hidden_layers": num_layers, **overrides})
     config._attn_implementation = ATTENTION.get(family, "sdpa")
     torch.manual_seed(seed)

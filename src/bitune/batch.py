@@ -36,7 +36,12 @@ def collate(
         raise BituneInputError(f"got {len(prompts)} prompts but {len(answers)} answers")
     prompt_ids, prompt_mask = _pad([list(p) for p in prompts], pad_token_id, left=True)
     answer_ids, answer_mask = _pad([list(a) for a in answers], pad_token_id, left=False)
-    batch = {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "answer_ids": answer_ids, "answer_mask": answer_mask}
+    batch = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "answer_ids": answer_ids,
+        "answer_mask": answer_mask,
+    }
     check_batch(**batch)
     return batch
 
@@ -75,7 +80,9 @@ def check_batch(
     if prompt_ids.shape != prompt_mask.shape or answer_ids.shape != answer_mask.shape:
         raise BituneInputError("each of prompt_ids/answer_ids needs a mask of the same shape")
     if prompt_ids.shape[0] != answer_ids.shape[0]:
-        raise BituneInputError(f"{prompt_ids.shape[0]} prompts but {answer_ids.shape[0]} answers in the batch")
+        raise BituneInputError(
+            f"{prompt_ids.shape[0]} prompts but {answer_ids.shape[0]} answers in the batch"
+        )
     if prompt_ids.shape[1] < 2 or (prompt_mask.sum(-1) < 2).any():
         raise BituneInputError(
             "every prompt needs at least 2 tokens (Bitune encodes all but the last one twice); add a BOS token"

@@ -50,12 +50,12 @@ def generate(
         state = model.encode_prompt(input_ids, attention_mask)
         generate_kwargs["past_key_values"] = DynamicCache(state.cache, config=model.config)
     with model._adapter(CAUSAL_ADAPTER):
-        return model.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        return model.base_model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
+        )
 
 
-def generate_text(
-    model: BituneModel, tokenizer, prompts: Sequence[str], **generate_kwargs
-) -> list[str]:
+def generate_text(model: BituneModel, tokenizer, prompts: Sequence[str], **generate_kwargs) -> list[str]:
     """Generate one completion per prompt string and return the new text only.
 
     Example:
@@ -84,7 +84,9 @@ def stream(model: BituneModel, tokenizer, prompt: str, **generate_kwargs) -> Ite
 
     def work() -> None:
         try:
-            generate(model, encoded["input_ids"], encoded["attention_mask"], streamer=streamer, **generate_kwargs)
+            generate(
+                model, encoded["input_ids"], encoded["attention_mask"], streamer=streamer, **generate_kwargs
+            )
         except BaseException as error:  # re-raised in the caller's thread below
             errors.append(error)
             streamer.end()
