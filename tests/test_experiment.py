@@ -158,6 +158,11 @@ def test_rerun_skips_done_cells_and_redoes_unfinished_ones(finished):
 
 def test_changed_evaluation_reevaluates_and_changed_training_is_refused(finished, config, tmp_path):
     experiment, _ = finished
+    metric_changed = copy.deepcopy(config)
+    metric_changed["evaluation"]["tasks"][0] = {"name": "synthetic", "metric": "acc"}  # shown, not computed
+    changed = load_experiment(write_config(tmp_path / "metric.yaml", metric_changed))
+    assert set(run_experiment(changed, only=["bitune-*"]).values()) == {"skipped"}
+
     evaluation_changed = copy.deepcopy(config)
     evaluation_changed["evaluation"]["max_new_tokens"] = 2
     changed = load_experiment(write_config(tmp_path / "evaluation.yaml", evaluation_changed))

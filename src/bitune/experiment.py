@@ -62,7 +62,7 @@ from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 from . import synthetic
 from .batch import pad_left
 from .checkpoint import CONFIG_FILE as CHECKPOINT_CONFIG_FILE
-from .commands import DTYPES, _resolve_device, load_for_inference
+from .commands import DTYPES, _HelpFormatter, _resolve_device, load_for_inference
 from .config import MODES
 from .convert import convert_llama2c
 from .data import DataConfig, Record, build_samples, load_records
@@ -334,8 +334,8 @@ class Experiment:
         )
 
     def evaluation_fingerprint(self) -> dict[str, Any]:
-        """What a cell's scores depend on, besides its model (batch size excluded: it changes no score)."""
-        tasks = [asdict(task) for task in self.evaluation.tasks]
+        """What a cell's scores depend on, besides its model (batch size and the metric shown change no score)."""
+        tasks = [asdict(task) | {"metric": None} for task in self.evaluation.tasks]
         return _plain({"tasks": tasks, "max_new_tokens": self.evaluation.max_new_tokens})
 
 
@@ -902,6 +902,7 @@ def _write_experiment_file(experiment: Experiment, tasks: Sequence[EvaluationTas
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = _HelpFormatter  # keeps the examples' line breaks
     parser.description = (
         "Run a grid of Bitune, baseline and ablation trainings (methods x PEFT kinds x seeds) with the same data, "
         "steps, learning rate and evaluation, then write the report (bitune report). Finished cells are skipped, "

@@ -364,12 +364,8 @@ def _save(figure: Figure, folder: Path, name: str) -> str:
 def plot_results(results: Results, folder: Path, colors: dict[str, Any]) -> str:
     kinds = results.peft_kinds()
     columns = [*results.tasks, "average"]
-    figure = Figure(
-        figsize=(
-            max(6.0, 1.3 * len(columns) * max(1, len(results.experiment["grid"]["methods"])) / 3),
-            3.8 * len(kinds),
-        )
-    )
+    bars = len(columns) * (len(results.experiment["grid"]["methods"]) + 1)  # +1: the untuned model
+    figure = Figure(figsize=(max(6.0, 0.4 * bars), 3.8 * len(kinds)))
     axes = figure.subplots(len(kinds), 1, squeeze=False)[:, 0]
     seeds = len(results.experiment["grid"]["seeds"])
     for axis, peft in zip(axes, kinds):
