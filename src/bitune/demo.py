@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{'task':<18}{'untuned':>10}{'bitune':>10}   (exact match on held-out questions)")
     for task, value in result["bitune"].items():
         print(f"{task:<18}{result['untuned'][task]:>10.3f}{value:>10.3f}")
+    print("chance: 0.125 (each answer is one of 8 names, places or objects)")
     model, tokenizer = load_for_inference(result["checkpoint"], device="cpu")
     rows = [json.loads(line) for line in Path(result["test_file"]).read_text().splitlines()]
     prompt = f"Question: {rows[0]['prompt']}\n\nAnswer:"
