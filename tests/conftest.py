@@ -1,5 +1,8 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the torchrun launcher of the distributed tests."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,4 +31,26 @@ def stories260k(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     models = shared_data / "models"
     return convert_llama2c(
         models / "stories260K.bin", models / "tok512.bin", tmp_path_factory.mktemp("stories260k") / "model"
+    )
+
+
+def torchrun(*arguments: str, processes: int = 2, **env: str) -> subprocess.CompletedProcess:
+    """`torchrun --standalone` of `arguments` in CPU processes of one thread each, output captured.
+
+    It runs this interpreter's torch.distributed.run, not whichever `torchrun` is on the PATH.
+    """
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(processes),
+    ]
+    return subprocess.run(
+        [*command, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
     )

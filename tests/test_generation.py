@@ -62,24 +62,19 @@ def test_right_padded_prompts_are_repadded_on_the_left():
 def test_sampling_arguments_pass_through():
     model = bitune()
     batch = collate(PROMPTS, [[2]] * 3)
-    torch.manual_seed(0)
-    first = model.generate(
-        batch["prompt_ids"],
-        batch["prompt_mask"],
-        do_sample=True,
-        temperature=0.7,
-        top_p=0.9,
-        max_new_tokens=5,
-    )
-    torch.manual_seed(0)
-    second = model.generate(
-        batch["prompt_ids"],
-        batch["prompt_mask"],
-        do_sample=True,
-        temperature=0.7,
-        top_p=0.9,
-        max_new_tokens=5,
-    )
+
+    def sample() -> torch.Tensor:
+        torch.manual_seed(0)
+        return model.generate(
+            batch["prompt_ids"],
+            batch["prompt_mask"],
+            do_sample=True,
+            temperature=0.7,
+            top_p=0.9,
+            max_new_tokens=5,
+        )
+
+    first, second = sample(), sample()
     assert torch.equal(first, second) and first.shape[1] == batch["prompt_ids"].shape[1] + 5
 
 

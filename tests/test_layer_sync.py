@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import torchrun
 from peft import LoraConfig
 from tiny_models import FAMILIES, tiny_model
 
@@ -88,19 +86,8 @@ def test_prompt_passes_skip_everything_after_the_last_keys_and_values():
 def run_fsdp(tmp_path, implementation: str) -> dict:
     output = tmp_path / f"{implementation}.json"
     tests = Path(__file__).parent
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(tests / "fsdp_worker.py"),
-        implementation,
-        str(output),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(tests), "OMP_NUM_THREADS": "1"}
-    subprocess.run(command, check=True, env=env, capture_output=True, timeout=300)
+    process = torchrun(str(tests / "fsdp_worker.py"), implementation, str(output), PYTHONPATH=str(tests))
+    process.check_returncode()
     return json.loads(output.read_text())
 
 

@@ -37,15 +37,6 @@ REPO = Path(__file__).resolve().parents[1]
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 :?.,\n+="
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the machine is shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def char_tokenizer() -> PreTrainedTokenizerFast:
     """One token per character (lower-cased), BOS added like Llama's: fits the tiny models' 64-token vocabulary."""
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{c: i + 4 for i, c in enumerate(CHARS)}}

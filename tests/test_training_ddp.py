@@ -2,41 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import torchrun
 from test_training import assert_same_weights, base, run, settings, training_logs  # noqa: F401 (base: fixture)
 
 
-def torchrun(config: dict, folder: Path, processes: int = 2) -> subprocess.CompletedProcess:
+def train_with_torchrun(config: dict, folder: Path, processes: int = 2) -> subprocess.CompletedProcess:
     """`bitune train` in CPU processes, launched as users launch it."""
     path = folder / f"{Path(config['output_dir']).name}.yaml"
     path.write_text(yaml.safe_dump(config))
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        str(processes),
-    ]
-    return subprocess.run(
-        [*command, "-m", "bitune", "train", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    return torchrun("-m", "bitune", "train", str(path), processes=processes)
 
 
 def test_two_processes_train_like_one_with_the_same_global_batch(base, tmp_path):  # noqa: F811
     schedule = {"max_steps": 3, "save_steps": 3}
     single = run(base, tmp_path / "single", training={**schedule, "batch_size": 4})
-    process = torchrun(settings(base, tmp_path / "ddp", training={**schedule, "batch_size": 2}), tmp_path)
+    process = train_with_torchrun(
+        settings(base, tmp_path / "ddp", training={**schedule, "batch_size": 2}), tmp_path
+    )
     assert process.returncode == 0, process.stderr[-3000:]
 
     single_logs, ddp_logs = training_logs(tmp_path / "single"), training_logs(tmp_path / "ddp")
@@ -56,7 +43,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(base, tmp_path)
 @pytest.mark.slow  # a second launch; test_training.py checks the same refusals without one
 def test_fsdp_is_refused_at_start_up(base, tmp_path):  # noqa: F811
     config = settings(base, tmp_path / "fsdp", training={"trainer_args": {"fsdp": True}})
-    process = torchrun(config, tmp_path, processes=1)  # one process is enough to be "distributed"
+    process = train_with_torchrun(config, tmp_path, processes=1)  # one process is enough to be "distributed"
     assert "exitcode  : 2" in process.stderr  # the CLI's exit code for a bad setting, not a crash
     assert "bitune train: error: FSDP through the Trainer is not supported yet" in process.stderr
     assert not (tmp_path / "fsdp" / "metrics.jsonl").exists()

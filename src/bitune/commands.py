@@ -223,7 +223,8 @@ def render_prompt(text: str, template: str, tokenizer) -> str:
     return template.replace("{prompt}", text)
 
 
-def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint and --base-model: the trained model to load (generate, chat, export)."""
     parser.add_argument(
         "--checkpoint", required=True, type=Path, metavar="DIR", help="a Bitune checkpoint folder"
     )
@@ -232,6 +233,10 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME_OR_PATH",
         help="hub id or local folder of the base model (default: the one recorded in the checkpoint)",
     )
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_checkpoint_arguments(parser)
     parser.add_argument(
         "--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:1, mps"
     )

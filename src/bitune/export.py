@@ -194,7 +194,7 @@ def _bidir_relative_to_merged(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `export` arguments to `parser` (used by the `bitune` CLI)."""
-    from .commands import DTYPES, _HelpFormatter
+    from .commands import DTYPES, _add_checkpoint_arguments, _HelpFormatter
 
     parser.formatter_class = _HelpFormatter
     parser.description = (
@@ -203,14 +203,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "base model's speed. Load the result with BituneModel.from_pretrained(OUTPUT_DIR) or `bitune "
         "generate --checkpoint OUTPUT_DIR`."
     )
-    parser.add_argument(
-        "--checkpoint", required=True, type=Path, metavar="DIR", help="a Bitune checkpoint folder"
-    )
-    parser.add_argument(
-        "--base-model",
-        metavar="NAME_OR_PATH",
-        help="hub id or local folder of the base model (default: the one recorded in the checkpoint)",
-    )
+    _add_checkpoint_arguments(parser)
     parser.add_argument(
         "--dtype",
         default="auto",

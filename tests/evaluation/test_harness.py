@@ -27,15 +27,6 @@ from bitune.evaluation.harness import BituneLM  # noqa: E402
 LIMIT = 24  # PIQA item 22 is longer than the model's 512 tokens: truncation is compared too
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread costs more than it saves, and much more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def our_samples(output: Path) -> dict[str, list[dict]]:
     samples: dict[str, list[dict]] = {}
     for line in output.with_suffix(".samples.jsonl").read_text().splitlines():

@@ -25,15 +25,6 @@ from bitune.evaluation.scoring import (
 MODES = ["bitune", "no_mixing", "baseline", "plain"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: a second thread costs more than it saves, and much more on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def perturbed(model: BituneModel) -> BituneModel:
     """Move adapters and mixing coefficients off their initial values, as training would."""
     torch.manual_seed(1)
