@@ -15,6 +15,7 @@ import copy
 import os
 import platform
 import statistics
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -326,6 +327,7 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: Sequence[str]) 
 
 def write_results(args: argparse.Namespace, name: str, results: dict[str, Any]) -> Path:
     path = args.output or RESULTS_DIR / f"{name}.json"
+    results.setdefault("command", " ".join(["python", *sys.argv]))
     atomic_write_json(path, results)
     print(f"\nwrote {path}")
     return path
