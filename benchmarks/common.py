@@ -119,12 +119,39 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
 
 
+def training_parser(doc: str, repeats: int | None) -> argparse.ArgumentParser:
+    """The parser of a training benchmark (described by the first paragraph of `doc`): common flags + shapes."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_common_arguments(parser, repeats=repeats)
+    add_training_arguments(parser)
+    return parser
+
+
+def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse; `--quick` keeps the first shape and one repetition."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.shapes = args.shapes[:1]
+        if hasattr(args, "repeats"):
+            args.repeats = 1
+    return args
+
+
 def setup(args: argparse.Namespace) -> None:
     # transformers' notices (deprecations hit by peft, use_cache under checkpointing) would bury the tables.
     warnings.filterwarnings("ignore", category=FutureWarning)
     transformers.logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
+
+
+def prepare(args: argparse.Namespace) -> PreTrainedModel:
+    """Set up torch as `args` say, warn if the machine is busy, and build and announce the base model."""
+    setup(args)
+    warn_if_busy(args)
+    base = build_base(args)
+    announce(args, base)
+    return base
 
 
 def warn_if_busy(args: argparse.Namespace) -> None:
@@ -325,9 +352,17 @@ def print_table(title: str, rows: list[dict[str, Any]], columns: Sequence[str]) 
         print("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |")
 
 
-def write_results(args: argparse.Namespace, name: str, results: dict[str, Any]) -> Path:
+def save_results(
+    args: argparse.Namespace, name: str, rows: list[dict[str, Any]], parameters: int, **fields: Any
+) -> dict[str, Any]:
+    """Write benchmark `name`'s rows, environment and command (plus `fields`) as JSON; returns what it wrote."""
+    results = {
+        "benchmark": name,
+        "command": " ".join(["python", *sys.argv]),
+        "environment": environment(args, parameters),
+        "rows": rows,
+    } | fields
     path = args.output or RESULTS_DIR / f"{name}.json"
-    results.setdefault("command", " ".join(["python", *sys.argv]))
     atomic_write_json(path, results)
     print(f"\nwrote {path}")
-    return path
+    return results

@@ -161,15 +161,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ["task", "tokens_per_question", "lm-eval_q_per_s", "ours_q_per_s", "ours_ratio", "harness_ratio",
          "bitune_q_per_s", "bitune_ratio", "ours_max_abs_diff"],
     )  # fmt: skip
-    results = {
-        "benchmark": "eval_speed",
-        "command": "python benchmarks/eval_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "environment": common.environment(args, common.parameter_count(base)),
-        "batch_size_questions": args.batch_size,
-        "rows": rows,
-    }
-    common.write_results(args, "eval_speed", results)
-    return results
+    return common.save_results(
+        args, "eval_speed", rows, common.parameter_count(base), batch_size_questions=args.batch_size
+    )
 
 
 if __name__ == "__main__":

@@ -91,10 +91,7 @@ def measure(args: argparse.Namespace, models: dict[str, torch.nn.Module], batch_
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    common.setup(args)
-    common.warn_if_busy(args)
-    base = common.build_base(args)
-    common.announce(args, base)
+    base = common.prepare(args)
     models = {"plain": common.wrap("stock", base).eval(), "bitune": common.wrap("bitune", base).eval()}
     rows = []
     for batch_size in args.batch_sizes:
@@ -118,13 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "decode_ratio",
         ],
     )
-    results = {
-        "benchmark": "inference",
-        "environment": common.environment(args, common.parameter_count(base)),
-        "rows": rows,
-    }
-    common.write_results(args, "inference", results)
-    return results
+    return common.save_results(args, "inference", rows, common.parameter_count(base))
 
 
 if __name__ == "__main__":

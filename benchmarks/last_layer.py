@@ -26,13 +26,8 @@ from bitune.model import num_layers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_arguments(parser, repeats=5)
-    common.add_training_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.shapes, args.repeats = args.shapes[:1], 1
-    return args
+    parser = common.training_parser(__doc__, repeats=5)
+    return common.parse_training_args(parser, argv)
 
 
 def computing_the_last_layer(model: BituneModel) -> BituneModel:
@@ -44,10 +39,7 @@ def computing_the_last_layer(model: BituneModel) -> BituneModel:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    common.setup(args)
-    common.warn_if_busy(args)
-    base = common.build_base(args)
-    common.announce(args, base)
+    base = common.prepare(args)
     rows = []
     for prompt_length, answer_length in args.shapes:
         batch = common.random_batch(
@@ -80,13 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows,
         ["P", "T", "skipped_step_s", "computed_step_s", "computed_over_skipped", "tail_share_of_step"],
     )
-    results = {
-        "benchmark": "last_layer",
-        "environment": common.environment(args, common.parameter_count(base)),
-        "rows": rows,
-    }
-    common.write_results(args, "last_layer", results)
-    return results
+    return common.save_results(args, "last_layer", rows, common.parameter_count(base))
 
 
 if __name__ == "__main__":

@@ -52,14 +52,9 @@ def malloc_settings() -> Iterator[None]:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_arguments(parser, repeats=None)
-    common.add_training_arguments(parser)
+    parser = common.training_parser(__doc__, repeats=None)
     parser.add_argument("--checkpointing", nargs="+", choices=["off", "on"], default=["off", "on"])
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.shapes = args.shapes[:1]
-    return args
+    return common.parse_training_args(parser, argv)
 
 
 # ---------------------------------------------------------------------------------------------- the child
@@ -170,9 +165,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "peak_ratio_baseline",
         ],
     )
-    results = {"benchmark": "memory", "environment": common.environment(args, parameters), "rows": rows}
-    common.write_results(args, "memory", results)
-    return results
+    return common.save_results(args, "memory", rows, parameters)
 
 
 if __name__ == "__main__":

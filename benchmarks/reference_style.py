@@ -27,19 +27,14 @@ from bitune.model import PromptState, answer_loss, num_layers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_arguments(parser, repeats=3)
-    common.add_training_arguments(parser)
+    parser = common.training_parser(__doc__, repeats=3)
     parser.add_argument(
         "--reference-attention",
         default="eager",
         choices=["eager", "sdpa"],
         help="attention of the reference-style model (the authors' code: eager)",
     )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.shapes, args.repeats = args.shapes[:1], 1
-    return args
+    return common.parse_training_args(parser, argv)
 
 
 def reference_style_loss(model: BituneModel, sample: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -75,11 +70,8 @@ def reference_style_step(model: BituneModel, batch: dict[str, torch.Tensor]) -> 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    common.setup(args)
-    common.warn_if_busy(args)
-    base = common.build_base(args)
+    base = common.prepare(args)
     reference_base = common.build_base(args, attention=args.reference_attention)
-    common.announce(args, base)
     rows = []
     for prompt_length, answer_length in args.shapes:
         batch = common.random_batch(
@@ -108,12 +100,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows,
         ["P", "T", "reference_style_samples_per_s", "bitune_samples_per_s", "speedup"],
     )
-    environment = common.environment(args, common.parameter_count(base)) | {
-        "reference_attention": args.reference_attention
-    }
-    results = {"benchmark": "reference_style", "environment": environment, "rows": rows}
-    common.write_results(args, "reference_style", results)
-    return results
+    return common.save_results(
+        args,
+        "reference_style",
+        rows,
+        common.parameter_count(base),
+        reference_attention=args.reference_attention,
+    )
 
 
 if __name__ == "__main__":

@@ -25,9 +25,7 @@ import common
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    common.add_common_arguments(parser, repeats=5)
-    common.add_training_arguments(parser)
+    parser = common.training_parser(__doc__, repeats=5)
     parser.add_argument(
         "--checkpointing",
         nargs="+",
@@ -35,10 +33,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=["off", "on"],
         help="activation checkpointing settings to measure (default: off on)",
     )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.shapes, args.repeats = args.shapes[:1], 1
-    return args
+    return common.parse_training_args(parser, argv)
 
 
 def measure(args: argparse.Namespace, base, checkpointing: bool, shape: tuple[int, int]) -> dict[str, Any]:
@@ -71,10 +66,7 @@ def measure(args: argparse.Namespace, base, checkpointing: bool, shape: tuple[in
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    common.setup(args)
-    common.warn_if_busy(args)
-    base = common.build_base(args)
-    common.announce(args, base)
+    base = common.prepare(args)
     rows = []
     for setting in args.checkpointing:
         for shape in args.shapes:
@@ -102,13 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows,
         ["P", "T", "checkpointing", "B", "R_baseline", "R_baseline_over_B", "R_stock", "R_stock_over_B"],
     )
-    results = {
-        "benchmark": "train_throughput",
-        "environment": common.environment(args, common.parameter_count(base)),
-        "rows": rows,
-    }
-    common.write_results(args, "train_throughput", results)
-    return results
+    return common.save_results(args, "train_throughput", rows, common.parameter_count(base))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 No timing is asserted (the numbers of a tiny model on a shared machine mean nothing); the point is that the
 scripts keep working as the library changes. They run in this process through their `main(argv)` (one
-interpreter start-up instead of four); the memory script still measures in child processes.
+interpreter start-up for all); the memory script still measures in child processes.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ ARGUMENTS = {
     ],
     "memory": [*TINY, *TRAINING],
     "last_layer": [*TINY, *TRAINING, "--repeats", "1", "--warmup", "0"],
+    "fused_streams": [*TINY, *TRAINING, "--repeats", "1", "--warmup", "0"],
 }
 
 ROW_KEYS = {
@@ -51,6 +52,7 @@ ROW_KEYS = {
         "plain_decode_ms", "bitune_decode_ms", "decode_ratio",
     },
     "last_layer": {"P", "T", "seconds", "skipped_step_s", "computed_step_s", "computed_over_skipped"},
+    "fused_streams": {"P", "seconds", "two_calls_s", "one_call_s", "one_over_two"},
     "memory": {
         "P", "T", "checkpointing", "stock_step_mib", "baseline_step_mib", "bitune_step_mib", "bitune_peak_mib",
         "step_ratio_baseline", "step_ratio_stock", "peak_ratio_baseline", "bound",
@@ -58,7 +60,14 @@ ROW_KEYS = {
 }  # fmt: skip
 
 # How many rows each run above produces: checkpointing off/on for the training scripts, one per batch size.
-ROWS = {"train_throughput": 2, "reference_style": 1, "inference": 2, "memory": 2, "last_layer": 1}
+ROWS = {
+    "train_throughput": 2,
+    "reference_style": 1,
+    "inference": 2,
+    "memory": 2,
+    "last_layer": 1,
+    "fused_streams": 1,
+}
 
 
 @pytest.fixture(scope="module")

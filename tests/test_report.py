@@ -117,7 +117,8 @@ def make_experiment_folder(root, methods=("baseline", "bitune", "no_mixing"), se
         }
         alphas = {} if cell["method"] == "baseline" else {"keys": [0.4, 0.6], "values": [0.5, 0.7]}
         (folder / EVAL_FILE).write_text(json.dumps({"tasks": tasks, "alphas": alphas}))
-        lines = [{"step": step, "loss": 2.0 / step} for step in (1, 2, 3)] + [{"step": 3, "eval_loss": 1.0}]
+        lines = [{"step": step, "loss": 2.0 / step, "alphas": alphas} for step in (1, 2, 3)]
+        lines.append({"step": 3, "eval_loss": 1.0})
         (folder / METRICS_FILE).write_text("".join(json.dumps(line) + "\n" for line in lines))
         if cell["name"] not in unfinished:
             (folder / DONE_FILE).write_text("{}")
@@ -145,7 +146,7 @@ def test_report_has_tables_tests_and_plots(tmp_path):
     assert re.search(r"\| \*\*bitune\*\* \| 100\.0 ± 0\.0 \| 50\.0 ± 0\.0 \| 75\.0 ± 0\.0 \| 2 \|", text)
     # bitune vs baseline on quiz: +50 points from 3 items improved, exact p = 2/8.
     assert "| bitune | baseline | +50.0 (p=0.25) | +0.0 (p=1) |" in text
-    for image in ("results.png", "loss_lora.png", "alphas_lora.png"):
+    for image in ("results.png", "loss_lora.png", "alphas_lora.png", "alpha_trajectories_lora.png"):
         assert f"]({image})" in text
         data = (report.parent / image).read_bytes()
         assert data.startswith(PNG_SIGNATURE) and len(data) > 1000

@@ -164,6 +164,7 @@ class CellResult:
     alphas: dict[str, list[float]]
     train_loss: list[tuple[int, float]]
     eval_loss: list[tuple[int, float]]
+    alpha_curve: list[tuple[int, dict[str, list[float]]]]  # (step, α per layer for keys and values) as logged
 
     @property
     def average(self) -> float:
@@ -224,7 +225,7 @@ def read_results(output_dir: str | Path) -> Results:
             scores[task] = entry["metrics"][metric]["value"]
             items[task] = np.asarray(entry["items"][metric], dtype=np.float64)
             ids[task] = entry["items"]["id"]
-        train_loss, eval_loss = _losses(folder / METRICS_FILE)
+        train_loss, eval_loss, alpha_curve = _training_curves(folder / METRICS_FILE)
         cells.append(
             CellResult(
                 cell["method"],
@@ -236,6 +237,7 @@ def read_results(output_dir: str | Path) -> Results:
                 evaluation.get("alphas", {}),
                 train_loss,
                 eval_loss,
+                alpha_curve,
             )
         )
     _check_same_items(cells, output_dir)
@@ -258,8 +260,9 @@ def _read_json(path: Path, advice: str) -> Any:
         raise BituneInputError(f"{path}: not valid JSON ({error})") from None
 
 
-def _losses(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    train, evaluation = {}, {}
+def _training_curves(path: Path) -> tuple[list, list, list]:
+    """Training loss, eval loss and α per logged step, each as sorted (step, value) pairs."""
+    train, evaluation, alphas = {}, {}, {}
     if path.is_file():
         for line in path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line)
@@ -267,7 +270,9 @@ def _losses(path: Path) -> tuple[list[tuple[int, float]], list[tuple[int, float]
                 train[record["step"]] = record["loss"]
             if "eval_loss" in record:
                 evaluation[record["step"]] = record["eval_loss"]
-    return sorted(train.items()), sorted(evaluation.items())
+            if record.get("alphas"):
+                alphas[record["step"]] = record["alphas"]
+    return sorted(train.items()), sorted(evaluation.items()), sorted(alphas.items())
 
 
 def _check_same_items(cells: list[CellResult], output_dir: Path) -> None:
@@ -468,6 +473,35 @@ def plot_alphas(results: Results, peft: str, folder: Path, colors: dict[str, Any
     return _save(figure, folder, f"alphas_{peft}.png")
 
 
+def plot_alpha_trajectories(results: Results, peft: str, folder: Path) -> str | None:
+    """α of every layer over training for the full method: where and how fast the mixing settles."""
+    cells = [cell for cell in results.select("bitune", peft) if cell.alpha_curve]
+    if not cells:
+        return None
+    figure = Figure(figsize=(11, 4))
+    figure.suptitle("one line per layer and seed", fontsize="small")
+    axes = figure.subplots(1, 2, sharey=True)
+    layers = len(cells[0].alpha_curve[0][1]["keys"])
+    palette = matplotlib.colormaps["viridis"](np.linspace(0, 0.9, layers))
+    for axis, kind in zip(axes, ("keys", "values")):
+        for cell in cells:
+            steps = [step for step, _ in cell.alpha_curve]
+            values = np.array([alphas[kind] for _, alphas in cell.alpha_curve])
+            for layer in range(layers):
+                label = f"layer {layer}" if cell is cells[0] else None
+                axis.plot(
+                    steps, values[:, layer], color=palette[layer], alpha=0.8, linewidth=1.2, label=label
+                )
+        axis.axhline(0.5, color="gray", linestyle="--", linewidth=1)
+        axis.set_title(f"{peft}: bitune α of the {kind} during training")
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel("α (weight of the bidirectional pass)")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small", ncol=2)
+    return _save(figure, folder, f"alpha_trajectories_{peft}.png")
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
@@ -509,6 +543,9 @@ def write_report(output_dir: str | Path) -> Path:
             alphas = plot_alphas(results, peft, folder, colors)
             if alphas is not None:
                 sections.append(f"### {peft}: mixing coefficients\n\n![alpha per layer]({alphas})")
+            trajectories = plot_alpha_trajectories(results, peft, folder)
+            if trajectories is not None:
+                sections.append(f"![alpha during training]({trajectories})")
             summary["peft"][peft] = _summary(results, peft, against_baseline + against_ablations)
         sections.append(_method_note(results))
         (folder / "report.md").write_text("\n\n".join(sections) + "\n", encoding="utf-8")
