@@ -46,7 +46,10 @@ ROW_KEYS = {
         "P", "T", "checkpointing", "B", "seconds", "R_baseline", "R_stock", "R_baseline_over_B", "R_stock_over_B",
         "stock_samples_per_s", "baseline_samples_per_s", "bitune_samples_per_s", "bitune_tokens_per_s",
     },
-    "reference_style": {"P", "T", "seconds", "reference_style_samples_per_s", "bitune_samples_per_s", "speedup"},
+    "reference_style": {
+        "P", "T", "seconds", "reference_style_samples_per_s", "bitune_samples_per_s", "speedup", "fast_path_gain",
+        "batching_gain",
+    },
     "inference": {
         "batch_size", "plain_prefill_ms", "bitune_prefill_ms", "prefill_ratio", "prefill_bound",
         "plain_decode_ms", "bitune_decode_ms", "decode_ratio",
