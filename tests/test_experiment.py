@@ -224,6 +224,19 @@ def test_bad_config_names_the_key(config, tmp_path, change, message):
     assert str(path) in str(error.value)
 
 
+def test_train_base_is_read_like_a_training_config(config, tmp_path):
+    with_base = copy.deepcopy(config)
+    with_base["train"]["base"] = str(tmp_path / "base.yaml")
+    path = write_config(tmp_path / "experiment.yaml", with_base)
+    with pytest.raises(BituneInputError, match=r"base\.yaml: no such config file"):
+        load_experiment(path)
+    (tmp_path / "base.yaml").write_text("")  # as for `bitune train`: an empty file sets nothing
+    assert (
+        load_experiment(path).train_mapping()
+        == load_experiment(write_config(tmp_path / "plain.yaml", config)).train_mapping()
+    )
+
+
 def test_bad_config_exits_with_2(config, tmp_path, capsys):
     broken = copy.deepcopy(config)
     broken["grid"]["methods"] = ["lora"]

@@ -55,7 +55,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
@@ -74,7 +73,7 @@ from .evaluation.tasks import GENERATION, MULTIPLE_CHOICE, STYLES, TASK_NAMES, T
 from .files import atomic_directory, atomic_write_json, atomic_write_text
 from .report import BASE_EVAL_FILE, CELLS_DIR, DONE_FILE, EVAL_FILE, EXPERIMENT_FILE, cell_name, write_report
 from .training import TrainConfig, load_tokenizer, train
-from .training.config import PEFT_KINDS, _build, _expand_shorthands
+from .training.config import PEFT_KINDS, _build, _expand_shorthands, read_config_file, read_yaml_mapping
 from .training.trainer import FINAL_DIR
 
 DATA_DIR = "data"
@@ -290,7 +289,7 @@ class Experiment:
         """The training config shared by all cells, with its `base` file merged in."""
         train = {"base": self.train} if isinstance(self.train, str) else dict(self.train)
         base = train.pop("base", None)
-        mapping = _expand_shorthands(_read_yaml(Path(base), "train.base")) if base is not None else {}
+        mapping = read_config_file(Path(base)) if base is not None else {}
         return _merged(mapping, _expand_shorthands(train))
 
     def train_config(self, cell: Cell) -> TrainConfig:
@@ -349,25 +348,13 @@ def load_experiment(path: str | Path, output_dir: str | Path | None = None) -> E
         ['baseline', 'bitune']
     """
     path = Path(path)
-    mapping = _read_yaml(path, "the experiment file")
+    mapping = read_yaml_mapping(path, "experiment file", "output_dir:, train:, grid:, ...")
     if output_dir is not None:
         mapping["output_dir"] = str(output_dir)
     experiment = _build(Experiment, {**mapping, "source": str(path)}, "", str(path))
     for cell in experiment.cells():
         experiment.train_config(cell)
     return experiment
-
-
-def _read_yaml(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise BituneInputError(f"{path}: no such file ({what})")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise BituneInputError(f"{path}: not valid YAML ({error})") from None
-    if not isinstance(loaded, dict):
-        raise BituneInputError(f"{path}: expected a mapping of sections at the top")
-    return loaded
 
 
 def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:

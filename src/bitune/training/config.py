@@ -235,6 +235,32 @@ class TrainConfig:
         return self.model.dtype or PRECISION_DTYPES[self.training.precision]
 
 
+def read_yaml_mapping(path: Path, description: str, sections: str) -> dict[str, Any]:
+    """A YAML file whose top level maps section names to settings; an empty file is an empty mapping.
+
+    `description` names the file in the error when it is missing ("config file"), `sections` gives examples of
+    the sections expected at the top ("model:, data:, ...").
+
+    Example:
+        >>> read_yaml_mapping(Path("configs/paper_lora.yaml"), "config file", "model:, data:, ...")["bitune"]["c"]
+        0.01
+    """
+    if not path.is_file():
+        raise BituneInputError(f"{path}: no such {description}")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise BituneInputError(f"{path}: not valid YAML ({error})") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise BituneInputError(f"{path}: expected a mapping of sections ({sections}) at the top")
+    return loaded or {}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A training config file as a mapping, shorthands expanded (what `load_config` and `train.base` read)."""
+    return _expand_shorthands(read_yaml_mapping(path, "config file", "model:, data:, ..."))
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Read a YAML config (or start from the defaults) and apply `--dotted.key value` overrides.
 
@@ -246,15 +272,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     if path is not None:
         path = Path(path)
         source = f"{path} (with command-line overrides)" if overrides else str(path)
-        if not path.is_file():
-            raise BituneInputError(f"{path}: no such config file")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise BituneInputError(f"{path}: not valid YAML ({error})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise BituneInputError(f"{path}: expected a mapping of sections (model:, data:, ...) at the top")
-        mapping = _expand_shorthands(loaded or {})
+        mapping = read_config_file(path)
     for key, value in parse_overrides(overrides):
         _check_key(TrainConfig, key.split("."), f"command line (--{key})")
         _set_dotted(mapping, key.split("."), value)
