@@ -7,6 +7,7 @@ interpreter start-up for all); the memory script still measures in child process
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import sys
@@ -47,8 +48,9 @@ ROW_KEYS = {
         "stock_samples_per_s", "baseline_samples_per_s", "bitune_samples_per_s", "bitune_tokens_per_s",
     },
     "reference_style": {
-        "P", "T", "seconds", "reference_style_samples_per_s", "bitune_samples_per_s", "speedup", "fast_path_gain",
-        "batching_gain",
+        "P", "T", "seconds", "reference_style_samples_per_s", "reference_sized_masks_samples_per_s",
+        "bitune_one_by_one_samples_per_s", "bitune_samples_per_s", "speedup", "speedup_over_sized_masks",
+        "full_size_mask_cost", "fast_path_gain", "batching_gain",
     },
     "inference": {
         "batch_size", "plain_prefill_ms", "bitune_prefill_ms", "prefill_ratio", "prefill_bound",
@@ -108,3 +110,28 @@ def test_training_bound_is_the_issues_formula(results: dict[str, dict]) -> None:
     assert (row["P"], row["T"]) == (6, 3)
     assert row["B"] == pytest.approx((6 + 3) / (2 * 6 + 3 - 1))
     assert row["R_baseline_over_B"] == pytest.approx(row["R_baseline"] / row["B"])
+
+
+def test_reference_style_refuses_to_time_different_math(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The emulated reference must compute Bitune's loss: a causal mask in its bidirectional pass is caught."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import common
+    import reference_style
+
+    try:
+        args = reference_style.parse_args(["--model-size", "tiny", "--threads", "1"])
+        base = common.build_base(args)
+        batch = common.random_batch(2, 6, 3, base.config.vocab_size, "cpu")
+        causal_only = functools.partial(
+            reference_style.reference_style_loss,
+            masks=lambda causal_lm, bidirectional: reference_style.full_size_masks(causal_lm, False),
+        )
+        losses = {"bitune": reference_style.bitune_loss, "reference_style": causal_only}
+        models = {kind: common.wrap("bitune", base) for kind in losses}
+        with pytest.raises(AssertionError, match="different losses"):
+            reference_style.check_same_loss(models, losses, batch)
+        losses["reference_style"] = reference_style.reference_style_loss
+        reference_style.check_same_loss(models, losses, batch)
+    finally:
+        sys.modules.pop("common", None)
+        sys.modules.pop("reference_style", None)
