@@ -237,6 +237,43 @@ def test_train_base_is_read_like_a_training_config(config, tmp_path):
     )
 
 
+def test_base_experiment_is_extended_key_by_key(config, tmp_path):
+    base = write_config(tmp_path / "base.yaml", config)
+    child = {
+        "base": str(base),
+        "output_dir": str(tmp_path / "child"),
+        "pretrain": None,  # drops the section: the child reuses a model instead
+        "train": {"model": "some/model", "training": {"max_steps": 5}},
+        "grid": {"methods": ["bitune"]},
+    }
+    experiment = load_experiment(write_config(tmp_path / "child.yaml", child))
+    assert experiment.output_dir == str(tmp_path / "child")
+    assert experiment.pretrain is None and experiment.synthetic is not None
+    assert (experiment.grid.methods, experiment.grid.seeds) == (["bitune"], [1, 2])
+    training = experiment.train_mapping()["training"]
+    assert (training["max_steps"], training["batch_size"]) == (5, 4)  # nested: replaced key, inherited key
+    assert experiment.train_config(experiment.cells()[0]).model.name_or_path == "some/model"
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"a.yaml": {"base": "{tmp}/missing.yaml"}}, r"missing\.yaml: no such experiment file"),
+        ({"a.yaml": {"base": ["x.yaml"]}}, r"a\.yaml: base must be the path of another experiment file"),
+        (
+            {"a.yaml": {"base": "{tmp}/b.yaml"}, "b.yaml": {"base": "{tmp}/a.yaml"}},
+            r"b\.yaml: .* \(a cycle\)",
+        ),
+    ],
+)
+def test_bad_base_is_named(tmp_path, files, message):
+    for name, mapping in files.items():
+        text = yaml.safe_dump(mapping).replace("{tmp}", str(tmp_path))
+        (tmp_path / name).write_text(text)
+    with pytest.raises(BituneInputError, match=message):
+        load_experiment(tmp_path / "a.yaml")
+
+
 def test_bad_config_exits_with_2(config, tmp_path, capsys):
     broken = copy.deepcopy(config)
     broken["grid"]["methods"] = ["lora"]

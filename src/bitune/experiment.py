@@ -5,6 +5,9 @@
 
 An experiment file (paths are relative to the working directory, as in training configs):
 
+    base: configs/experiments/cpu_synthetic.yaml   # optional: start from another experiment file, whose
+                                             #   keys the ones below replace (nested sections key by key;
+                                             #   `pretrain: null` drops a section)
     output_dir: runs/experiments/mine
     train:                                   # the training config of every cell (keys of configs/paper_lora.yaml)
       base: configs/paper_lora.yaml          #   optional: start from this file; the keys below replace its keys
@@ -348,13 +351,32 @@ def load_experiment(path: str | Path, output_dir: str | Path | None = None) -> E
         ['baseline', 'bitune']
     """
     path = Path(path)
-    mapping = read_yaml_mapping(path, "experiment file", "output_dir:, train:, grid:, ...")
+    mapping = read_experiment_file(path)
     if output_dir is not None:
         mapping["output_dir"] = str(output_dir)
     experiment = _build(Experiment, {**mapping, "source": str(path)}, "", str(path))
     for cell in experiment.cells():
         experiment.train_config(cell)
     return experiment
+
+
+def read_experiment_file(path: Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """An experiment file as a mapping, with the file named by its `base:` key (and that one's base) merged in.
+
+    Example:
+        >>> read_experiment_file(Path("configs/experiments/cpu_synthetic_longer.yaml"))["grid"]["methods"]
+        ['baseline', 'bitune']
+    """
+    mapping = read_yaml_mapping(path, "experiment file", "output_dir:, train:, grid:, ...")
+    base = mapping.pop("base", None)
+    if base is None:
+        return mapping
+    if not isinstance(base, str):
+        raise BituneInputError(f"{path}: base must be the path of another experiment file, got {base!r}")
+    including = (*_including, path.resolve())
+    if Path(base).resolve() in including:
+        raise BituneInputError(f"{path}: base: {base} is this file or includes it (a cycle)")
+    return _merged(read_experiment_file(Path(base), including), mapping)
 
 
 def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
