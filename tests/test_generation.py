@@ -9,6 +9,7 @@ from tiny_models import FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bitune import BituneConfig, BituneModel, collate, generate_text, stream
+from bitune.synthetic import build_tokenizer
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 11, 12], [1, 13, 14, 15, 16]]
 NEW_TOKENS = 6
@@ -121,3 +122,20 @@ def test_stop_strings_end_generation(stories260k):
         model, tokenizer, ["Once upon a time"], max_new_tokens=30, do_sample=False, stop_strings=["Lily"]
     )[0]
     assert "Lily" in free and stopped.endswith("Lily") and len(stopped) < len(free)
+
+
+def test_stop_strings_work_with_a_closed_word_level_vocabulary():
+    """transformers' StopStringCriteria cannot read bitune.synthetic's tokenizer; generation still stops."""
+    tokenizer = build_tokenizer()
+    base = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    model = BituneModel.from_base(base, LoraConfig(r=4, target_modules="all-linear")).eval()
+    prompts = ["mary went to the garden . where is mary ?", "john has the ball . who has the ball ?"]
+    # With an EOS id, `generate` pads the rows that stopped while others go on (without one it lets them run).
+    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    free = generate_text(model, tokenizer, prompts, **kwargs)
+    stop = free[0].split()[2]
+    stopped = generate_text(model, tokenizer, prompts, stop_strings=[stop], **kwargs)
+    for text, cut in zip(free, stopped):
+        words = text.split()
+        expected = words[: words.index(stop) + 1] if stop in words else words  # each row stops on its own
+        assert cut.split() == expected

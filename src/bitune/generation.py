@@ -7,7 +7,13 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from transformers import DynamicCache, TextIteratorStreamer
+from transformers import (
+    DynamicCache,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+    TextIteratorStreamer,
+)
 
 from .batch import left_pad, pad_left
 from .config import CAUSAL_ADAPTER
@@ -44,6 +50,7 @@ def generate(
         padded = left_pad(input_ids, attention_mask, pad_token_id)
         input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
     generate_kwargs.setdefault("pad_token_id", pad_token_id)
+    _readable_stop_strings(generate_kwargs, prompt_length=input_ids.shape[1])
     if model.bitune_config.mode != "baseline":
         # The cache covers prompt[:-1]; `generate` then feeds the last prompt token itself (see
         # hf_stack_notes: a cache over the whole prompt makes `generate` re-feed every prompt token).
@@ -53,6 +60,39 @@ def generate(
         return model.base_model.generate(
             input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
         )
+
+
+class DecodedStopStrings(StoppingCriteria):
+    """Stops each row once the text it generated contains one of `stop_strings`, by decoding it every step.
+
+    For tokenizers that transformers' `StopStringCriteria` cannot read: it decodes every vocabulary entry
+    after a fixed prefix, which a closed word-level vocabulary (e.g. `bitune.synthetic`'s) cannot spell.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = list(stop_strings)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        stopped = [any(stop in text for stop in self.stop_strings) for text in texts]
+        return torch.tensor(stopped, dtype=torch.bool, device=input_ids.device)
+
+
+def _readable_stop_strings(generate_kwargs: dict, prompt_length: int) -> None:
+    """Swap `stop_strings` for `DecodedStopStrings` when transformers cannot handle the tokenizer."""
+    stop_strings, tokenizer = generate_kwargs.get("stop_strings"), generate_kwargs.get("tokenizer")
+    if not stop_strings or tokenizer is None:
+        return
+    stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
+    try:
+        StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+    except ValueError:
+        del generate_kwargs["stop_strings"]
+        criteria = StoppingCriteriaList(generate_kwargs.get("stopping_criteria") or [])
+        criteria.append(DecodedStopStrings(tokenizer, stop_strings, prompt_length))
+        generate_kwargs["stopping_criteria"] = criteria
 
 
 def generate_text(model: BituneModel, tokenizer, prompts: Sequence[str], **generate_kwargs) -> list[str]:
