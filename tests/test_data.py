@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from bitune.data import (
     FORMATS,
@@ -28,6 +28,7 @@ from bitune.data import (
     split_off,
 )
 from bitune.errors import BituneInputError
+from bitune.evaluation.scoring import encode_pair
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
@@ -122,9 +123,32 @@ PLAIN = (f"<s>Question: {QUESTION}\n\nAnswer:", f" {ANSWER}</s>")
 def test_every_format_gives_the_paper_sample(row: dict, options: dict) -> None:
     (sample,) = build([row], **options)
     assert texts(sample) == PLAIN
-    # Prompt and answer are tokenised separately, the answer as " " + answer (as the paper's code does).
+    # The answer's tokens follow the prompt's in the whole text (as the paper's code splits them); for a
+    # byte-level tokenizer they equal " " + answer's own.
     assert sample.answer_ids == TOKENIZER(f" {ANSWER}", add_special_tokens=False)["input_ids"] + [EOS]
     assert sample.prompt_ids[0] == BOS and sample.prompt_ids.count(BOS) == 1
+
+
+def test_answers_are_split_off_the_whole_text_as_the_paper_and_lm_eval_do(stories260k: Path) -> None:
+    """A SentencePiece tokenizer encodes " garden" alone with an extra lone "▁"; after the prompt it has none."""
+    tokenizer = AutoTokenizer.from_pretrained(stories260k)
+    prompt = "Question: where is the cat?\n\nAnswer:"
+    (sample,) = build([{"prompt": prompt, "completion": "garden"}], tokenizer, template="{prompt}")
+    alone = tokenizer(" garden", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(alone)[0] == "▁"  # what the split avoids
+    context_ids, continuation_ids = encode_pair(tokenizer, prompt, " garden")
+    assert sample.prompt_ids == context_ids
+    assert sample.answer_ids == [*continuation_ids, tokenizer.eos_token_id]
+
+
+def test_an_answer_merging_with_its_prompt_is_encoded_alone() -> None:
+    """Where the whole text's tokens do not start with the prompt's, no token is cut in two."""
+    row = {"prompt": "the", "completion": "cat sat"}
+    # The prompt ends in a space token; the whole text has " cat" as one token.
+    (sample,) = build([row], template="{prompt} ")
+    whole = TOKENIZER("<s>the cat sat", add_special_tokens=False)["input_ids"]
+    assert whole[: len(sample.prompt_ids)] != sample.prompt_ids
+    assert texts(sample) == ("<s>the ", "cat sat</s>")
 
 
 def test_alpaca_input_follows_the_instruction() -> None:

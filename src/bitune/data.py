@@ -574,7 +574,7 @@ def _tokenize(
     if not examples:
         return []
     prompt_ids = encode_prompts(tokenizer, prompts)
-    answer_ids = tokenizer(answers, **_NO_SPECIAL_TOKENS)["input_ids"]
+    answer_ids = _encode_answers(tokenizer, prompts, prompt_ids, answers)
     samples = []
     for example, prompt, answer in zip(examples, prompt_ids, answer_ids, strict=True):
         if len(prompt) < 2:
@@ -584,6 +584,29 @@ def _tokenize(
             )
         samples.append(Sample(prompt, [*answer, tokenizer.eos_token_id]))
     return samples
+
+
+def _encode_answers(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], prompt_ids: list[list[int]], answers: list[str]
+) -> list[list[int]]:
+    """Each answer's tokens as they follow its prompt: the tail of `prompt + answer`'s tokens.
+
+    As the authors' code and lm-eval split them. Encoded alone, " Paris" gets a SentencePiece tokenizer's
+    dummy prefix (Llama-2: an extra lone "▁" before "▁Paris") that the answer never has after a prompt. Where
+    the whole text's tokens do not start with the prompt's (a merge across the boundary), the answer is
+    encoded alone.
+    """
+    wholes = encode_prompts(tokenizer, [prompt + answer for prompt, answer in zip(prompts, answers)])
+    split = [
+        whole[len(prompt) :] if whole[: len(prompt)] == prompt else None
+        for prompt, whole in zip(prompt_ids, wholes)
+    ]
+    unsplit = [index for index, ids in enumerate(split) if ids is None]
+    if unsplit:
+        alone = tokenizer([answers[index] for index in unsplit], **_NO_SPECIAL_TOKENS)["input_ids"]
+        for index, ids in zip(unsplit, alone):
+            split[index] = ids
+    return split
 
 
 # Batched calls let a fast tokenizer work in parallel; special tokens are placed by hand.
