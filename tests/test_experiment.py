@@ -264,6 +264,10 @@ def test_base_experiment_is_extended_key_by_key(config, tmp_path):
             {"a.yaml": {"base": "{tmp}/b.yaml"}, "b.yaml": {"base": "{tmp}/a.yaml"}},
             r"b\.yaml: .* \(a cycle\)",
         ),
+        (
+            {"a.yaml": {"base": "{tmp}/b.yaml"}, "b.yaml": {"evalution": {}}},
+            r"a\.yaml \(on top of .*b\.yaml\).*unknown key 'evalution'",
+        ),
     ],
 )
 def test_bad_base_is_named(tmp_path, files, message):

@@ -131,11 +131,11 @@ def test_stop_strings_work_with_a_closed_word_level_vocabulary():
     model = BituneModel.from_base(base, LoraConfig(r=4, target_modules="all-linear")).eval()
     prompts = ["mary went to the garden . where is mary ?", "john has the ball . who has the ball ?"]
     # With an EOS id, `generate` pads the rows that stopped while others go on (without one it lets them run).
-    kwargs = dict(max_new_tokens=8, do_sample=False, eos_token_id=tokenizer.eos_token_id)
-    free = generate_text(model, tokenizer, prompts, **kwargs)
-    stop = free[0].split()[2]
+    kwargs = dict(max_new_tokens=10, do_sample=False, eos_token_id=tokenizer.eos_token_id)
+    free = [text.split() for text in generate_text(model, tokenizer, prompts, **kwargs)]
+    # A word both rows generate, first at different places: each row must stop at its own.
+    stop = next(word for word in free[0] if word in free[1] and free[0].index(word) != free[1].index(word))
     stopped = generate_text(model, tokenizer, prompts, stop_strings=[stop], **kwargs)
-    for text, cut in zip(free, stopped):
-        words = text.split()
-        expected = words[: words.index(stop) + 1] if stop in words else words  # each row stops on its own
-        assert cut.split() == expected
+    for words, cut in zip(free, stopped):
+        until = next(end for end in range(1, len(words) + 1) if stop in " ".join(words[:end]))
+        assert cut.split() == words[:until] and until < len(words)

@@ -591,10 +591,11 @@ def _encode_answers(
 ) -> list[list[int]]:
     """Each answer's tokens as they follow its prompt: the tail of `prompt + answer`'s tokens.
 
-    As the authors' code and lm-eval split them. Encoded alone, " Paris" gets a SentencePiece tokenizer's
-    dummy prefix (Llama-2: an extra lone "▁" before "▁Paris") that the answer never has after a prompt. Where
-    the whole text's tokens do not start with the prompt's (a merge across the boundary), the answer is
-    encoded alone.
+    As the authors' code splits them (and lm-eval, for prompts that do not end in whitespace, whose trailing
+    spaces it moves to the answer). Encoded alone, " Paris" gets a SentencePiece tokenizer's dummy prefix
+    (Llama-2: an extra lone "▁" before "▁Paris") that the answer never has after a prompt. Where the whole
+    text's tokens do not start with the prompt's (a merge across the boundary, e.g. after a prompt ending in a
+    space), the answer is encoded alone, so that training and generation see the same prompt tokens.
     """
     wholes = encode_prompts(tokenizer, [prompt + answer for prompt, answer in zip(prompts, answers)])
     split = [

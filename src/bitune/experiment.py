@@ -351,32 +351,40 @@ def load_experiment(path: str | Path, output_dir: str | Path | None = None) -> E
         ['baseline', 'bitune']
     """
     path = Path(path)
-    mapping = read_experiment_file(path)
+    mapping, bases = _read_with_bases(path, ())
     if output_dir is not None:
         mapping["output_dir"] = str(output_dir)
-    experiment = _build(Experiment, {**mapping, "source": str(path)}, "", str(path))
+    # A bad key may come from a base file: name them all.
+    source = f"{path} (on top of {', '.join(map(str, bases))})" if bases else str(path)
+    experiment = _build(Experiment, {**mapping, "source": source}, "", source)
     for cell in experiment.cells():
         experiment.train_config(cell)
     return experiment
 
 
-def read_experiment_file(path: Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+def read_experiment_file(path: Path) -> dict[str, Any]:
     """An experiment file as a mapping, with the file named by its `base:` key (and that one's base) merged in.
 
     Example:
         >>> read_experiment_file(Path("configs/experiments/cpu_synthetic_longer.yaml"))["grid"]["methods"]
         ['baseline', 'bitune']
     """
+    return _read_with_bases(path, ())[0]
+
+
+def _read_with_bases(path: Path, including: tuple[Path, ...]) -> tuple[dict[str, Any], list[Path]]:
+    """The merged mapping, and the base files it came from (nearest first)."""
     mapping = read_yaml_mapping(path, "experiment file", "output_dir:, train:, grid:, ...")
     base = mapping.pop("base", None)
     if base is None:
-        return mapping
+        return mapping, []
     if not isinstance(base, str):
         raise BituneInputError(f"{path}: base must be the path of another experiment file, got {base!r}")
-    including = (*_including, path.resolve())
+    including = (*including, path.resolve())
     if Path(base).resolve() in including:
         raise BituneInputError(f"{path}: base: {base} is this file or includes it (a cycle)")
-    return _merged(read_experiment_file(Path(base), including), mapping)
+    base_mapping, bases = _read_with_bases(Path(base), including)
+    return _merged(base_mapping, mapping), [Path(base), *bases]
 
 
 def _merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
