@@ -351,7 +351,7 @@ def load_experiment(path: str | Path, output_dir: str | Path | None = None) -> E
         ['baseline', 'bitune']
     """
     path = Path(path)
-    mapping, bases = _read_with_bases(path, ())
+    mapping, bases = _read_with_bases(path)
     if output_dir is not None:
         mapping["output_dir"] = str(output_dir)
     # A bad key may come from a base file: name them all.
@@ -362,18 +362,9 @@ def load_experiment(path: str | Path, output_dir: str | Path | None = None) -> E
     return experiment
 
 
-def read_experiment_file(path: Path) -> dict[str, Any]:
-    """An experiment file as a mapping, with the file named by its `base:` key (and that one's base) merged in.
-
-    Example:
-        >>> read_experiment_file(Path("configs/experiments/cpu_synthetic_longer.yaml"))["grid"]["methods"]
-        ['baseline', 'bitune']
-    """
-    return _read_with_bases(path, ())[0]
-
-
-def _read_with_bases(path: Path, including: tuple[Path, ...]) -> tuple[dict[str, Any], list[Path]]:
-    """The merged mapping, and the base files it came from (nearest first)."""
+def _read_with_bases(path: Path, including: tuple[Path, ...] = ()) -> tuple[dict[str, Any], list[Path]]:
+    """An experiment file as a mapping with its `base:` file (and that one's base) merged in, and the base
+    files it came from (nearest first). `including`: the files whose base this one is (to refuse cycles)."""
     mapping = read_yaml_mapping(path, "experiment file", "output_dir:, train:, grid:, ...")
     base = mapping.pop("base", None)
     if base is None:
