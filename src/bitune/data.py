@@ -12,9 +12,9 @@ Three steps, each usable on its own:
    a value may also be a template over the row, e.g. "{rationale} So the answer is {answer}."). `auto` picks
    one from the columns of the first row.
 3. A *template* turns the conversation into prompt text: `plain` (the paper's "Question: {prompt}\\n\\nAnswer:",
-   answer " " + answer), `chat` (the tokenizer's chat template), or any string containing {prompt}. Prompt and
-   answer are tokenised separately, so the boundary is exact; the prompt starts with BOS (if the tokenizer has
-   one) and the answer ends with EOS.
+   answer " " + answer), `chat` (the tokenizer's chat template), or any string containing {prompt}. The answer's
+   tokens are those that follow the prompt's in prompt + answer (as the paper's code splits them), so the
+   boundary is exact; the prompt starts with BOS (if the tokenizer has one) and the answer ends with EOS.
 
 Bad input raises `BituneInputError` naming the file, row and field before anything is returned.
 """
