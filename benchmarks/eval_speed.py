@@ -36,7 +36,7 @@ from lm_eval.models.huggingface import HFLM
 from transformers import AutoTokenizer, PreTrainedModel
 
 from bitune import BituneConfig, BituneModel
-from bitune.convert import convert_llama2c
+from bitune.core.convert import convert_llama2c
 from bitune.evaluation.harness import BituneLM
 from bitune.evaluation.scoring import PlainModel, score_multiple_choice
 from bitune.evaluation.tasks import MultipleChoiceItem, load_task

@@ -21,8 +21,8 @@ from typing import Any
 import common
 
 from bitune import BituneModel
-from bitune.caches import KVRecorder
-from bitune.model import num_layers
+from bitune.core.caches import KVRecorder
+from bitune.core.model import num_layers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

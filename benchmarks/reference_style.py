@@ -29,8 +29,8 @@ import common
 import torch
 
 from bitune import BituneModel
-from bitune.caches import KVRecorder
-from bitune.model import PromptState, answer_loss, num_layers
+from bitune.core.caches import KVRecorder
+from bitune.core.model import PromptState, answer_loss, num_layers
 
 # One sample's training loss under some way of computing Bitune's forward.
 SampleLoss = Callable[[BituneModel, dict[str, torch.Tensor]], torch.Tensor]

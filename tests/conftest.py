@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitune.convert import convert_llama2c
+from bitune.core.convert import convert_llama2c
 
 # The test models are tiny: one thread avoids thread start-up costs that dominate their matmuls.
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bitune import BituneInputError, collate, split_sequences
-from bitune.batch import check_batch, left_pad
+from bitune.core.batch import check_batch, left_pad
 
 
 def test_collate_pads_prompts_left_and_answers_right():

@@ -10,7 +10,7 @@ from peft import IA3Config, LoraConfig
 from tiny_models import tiny_model
 
 from bitune import BituneConfig, BituneInputError, BituneModel, collate
-from bitune.checkpoint import CONFIG_FILE, MIXER_FILE
+from bitune.core.checkpoint import CONFIG_FILE, MIXER_FILE
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 11, 12]]
 ANSWERS = [[20, 21, 2], [22, 2]]
@@ -100,7 +100,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("bitune.checkpoint.save_file", broken)
+    monkeypatch.setattr("bitune.core.checkpoint.save_file", broken)
     with pytest.raises(OSError):
         model.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in (tmp_path / "ckpt").rglob("*")) == before

@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bitune.convert import (
+from bitune.core.convert import (
     add_convert_arguments,
     convert_llama2c,
     read_llama2c_checkpoint,

@@ -1,4 +1,4 @@
-"""Tests of bitune.data: formats, templates, length policies, bad input, junk input and the real data sets."""
+"""Tests of bitune.data.samples: formats, templates, length policies, bad input, junk input and the real data sets."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from bitune.data import (
+from bitune.data.samples import (
     FORMATS,
     DataConfig,
     DataStats,
@@ -225,7 +225,7 @@ LONG_ROWS = [
 
 def test_overlong_samples_are_dropped_counted_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     records = [Record(f"rows.jsonl, line {i + 1}", row) for i, row in enumerate(LONG_ROWS)]
-    with caplog.at_level(logging.WARNING, logger="bitune.data"):
+    with caplog.at_level(logging.WARNING, logger="bitune.data.samples"):
         samples, stats = build_samples(records, TOKENIZER, DataConfig("rows.jsonl", max_length=20))
     assert stats == DataStats(rows=4, samples=1, dropped_overlong=3)
     assert texts(samples[0]) == ("<s>Question: Hi\n\nAnswer:", " 5</s>")

@@ -8,8 +8,8 @@ import pytest
 
 from bitune import BituneModel
 from bitune.cli import main
-from bitune.demo import run_demo
-from bitune.report import EVAL_FILE
+from bitune.experiments.demo import run_demo
+from bitune.experiments.report import EVAL_FILE
 
 
 @pytest.fixture(scope="module")

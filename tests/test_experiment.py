@@ -10,7 +10,7 @@ import yaml
 
 from bitune.cli import main
 from bitune.errors import BituneInputError
-from bitune.experiment import (
+from bitune.experiments.grid import (
     BASE_MODEL_DIR,
     CELL_FILE,
     DATA_DIR,
@@ -20,7 +20,7 @@ from bitune.experiment import (
     run_experiment,
     ultrafeedback_rows,
 )
-from bitune.report import BASE_EVAL_FILE, DONE_FILE, EVAL_FILE, EXPERIMENT_FILE, METRICS_FILE
+from bitune.experiments.report import BASE_EVAL_FILE, DONE_FILE, EVAL_FILE, EXPERIMENT_FILE, METRICS_FILE
 
 QUIZ_ROWS = [
     {"question": "where is mary ?", "options": ["garden", "kitchen"], "label": 0},

@@ -12,10 +12,10 @@ from tiny_models import tiny_model
 from transformers import AutoModelForCausalLM
 
 from bitune import MODES, BituneConfig, BituneError, BituneInputError, BituneModel, collate
-from bitune.checkpoint import CONFIG_FILE
 from bitune.cli import main
-from bitune.config import BIDIR_ADAPTER
-from bitune.export import export_merged
+from bitune.core.checkpoint import CONFIG_FILE
+from bitune.core.export import export_merged
+from bitune.core.modes import BIDIR_ADAPTER
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 11, 12], [1, 13, 14, 15, 16]]
 ANSWERS = [[20, 21, 2], [22, 2], [23, 24, 25, 2]]

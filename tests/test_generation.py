@@ -9,7 +9,7 @@ from tiny_models import FAMILIES, tiny_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bitune import BituneConfig, BituneModel, collate, generate_text, stream
-from bitune.synthetic import build_tokenizer
+from bitune.experiments.synthetic import build_tokenizer
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 11, 12], [1, 13, 14, 15, 16]]
 NEW_TOKENS = 6
@@ -125,7 +125,7 @@ def test_stop_strings_end_generation(stories260k):
 
 
 def test_stop_strings_work_with_a_closed_word_level_vocabulary():
-    """transformers' StopStringCriteria cannot read bitune.synthetic's tokenizer; generation still stops."""
+    """transformers' StopStringCriteria cannot read bitune.experiments.synthetic's tokenizer; generation still stops."""
     tokenizer = build_tokenizer()
     base = tiny_model("llama", vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
     model = BituneModel.from_base(base, LoraConfig(r=4, target_modules="all-linear")).eval()

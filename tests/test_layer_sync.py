@@ -12,7 +12,7 @@ from peft import LoraConfig
 from tiny_models import FAMILIES, tiny_model
 
 from bitune import MODES, BituneConfig, BituneModel, collate
-from bitune.layer_sync import layer_synchronous_logits
+from bitune.core.layer_sync import layer_synchronous_logits
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 11, 12], [1, 13, 14, 15, 16]]
 ANSWERS = [[20, 21, 2], [22, 2], [23, 24, 25, 26, 2]]

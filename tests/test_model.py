@@ -9,7 +9,7 @@ from tiny_models import FAMILIES, tiny_model
 from transformers import BertConfig, BertForMaskedLM, FalconConfig, FalconForCausalLM
 
 from bitune import MODES, BituneConfig, BituneError, BituneInputError, BituneModel, collate, split_sequences
-from bitune.batch import positions
+from bitune.core.batch import positions
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 11, 12], [1, 13, 14, 15, 16]]
 ANSWERS = [[20, 21, 2], [22, 2], [23, 24, 25, 26, 2]]

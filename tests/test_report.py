@@ -9,7 +9,7 @@ import pytest
 
 from bitune.cli import main
 from bitune.errors import BituneInputError
-from bitune.report import (
+from bitune.experiments.report import (
     CELLS_DIR,
     DONE_FILE,
     EVAL_FILE,

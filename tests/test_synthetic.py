@@ -6,7 +6,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from bitune.errors import BituneInputError
-from bitune.synthetic import (
+from bitune.experiments.synthetic import (
     BOS,
     COUNT_WORDS,
     NAMES,

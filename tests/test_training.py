@@ -20,9 +20,9 @@ from transformers import PreTrainedTokenizerFast
 from transformers.trainer_utils import get_last_checkpoint
 
 from bitune import BituneConfig, BituneError, BituneInputError, BituneModel
-from bitune.checkpoint import MIXER_FILE
 from bitune.cli import main
-from bitune.data import Sample
+from bitune.core.checkpoint import MIXER_FILE
+from bitune.data.samples import Sample
 from bitune.training import (
     BituneCollator,
     BituneTrainer,

@@ -6,11 +6,11 @@ Example:
 
 __version__ = "0.1.0"
 
-from .batch import collate, split_sequences  # noqa: E402
-from .config import MODES, BituneConfig  # noqa: E402
-from .errors import BituneError, BituneInputError  # noqa: E402
-from .generation import generate_text, stream  # noqa: E402
-from .model import BituneModel, BituneOutput, PromptState  # noqa: E402
+from bitune.core.batch import collate, split_sequences  # noqa: E402
+from bitune.core.generation import generate_text, stream  # noqa: E402
+from bitune.core.model import BituneModel, BituneOutput, PromptState  # noqa: E402
+from bitune.core.modes import MODES, BituneConfig  # noqa: E402
+from bitune.errors import BituneError, BituneInputError  # noqa: E402
 
 __all__ = [
     "MODES",

@@ -28,8 +28,8 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from ..model import BituneModel
-from .scoring import PlainModel, load_scoring_model, loglikelihoods, tokenizer_source
+from bitune.core.model import BituneModel
+from bitune.evaluation.scoring import PlainModel, load_scoring_model, loglikelihoods, tokenizer_source
 
 MODEL_NAME = "bitune"
 

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .tasks import Task
+    from bitune.evaluation.tasks import Task
 
 # lm-eval's gsm8k answer filters ("strict-match", "flexible-extract") and exact_match `regexes_to_ignore`.
 STRICT_ANSWER_PATTERN = r"#### (\-?[0-9\.\,]+)"

@@ -25,11 +25,10 @@ from typing import Any
 import torch
 from transformers import AutoTokenizer
 
-from .. import __version__
-from ..checkpoint import read_config
-from ..errors import BituneInputError
-from ..files import atomic_write_json, atomic_write_text
-from .metrics import (
+from bitune import __version__
+from bitune.core.checkpoint import read_config
+from bitune.errors import BituneInputError
+from bitune.evaluation.metrics import (
     Estimate,
     TaskResult,
     average_over_tasks,
@@ -38,7 +37,7 @@ from .metrics import (
     multiple_choice_scores,
     score_task,
 )
-from .scoring import (
+from bitune.evaluation.scoring import (
     ScoringModel,
     context_window,
     generate_until,
@@ -46,7 +45,8 @@ from .scoring import (
     score_multiple_choice,
     tokenizer_source,
 )
-from .tasks import MULTIPLE_CHOICE, STYLES, TASK_NAMES, Task, load_task
+from bitune.evaluation.tasks import MULTIPLE_CHOICE, STYLES, TASK_NAMES, Task, load_task
+from bitune.files import atomic_write_json, atomic_write_text
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -325,7 +325,7 @@ def add_lm_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_lm_eval(args: argparse.Namespace) -> int:
     try:
-        from . import harness
+        from bitune.evaluation import harness
     except ImportError as error:
         raise BituneInputError(
             f"bitune lm-eval needs lm-evaluation-harness: pip install 'bitune[eval]' ({error})"

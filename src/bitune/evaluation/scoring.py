@@ -35,10 +35,10 @@ from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from ..config import CAUSAL_ADAPTER, BituneConfig
-from ..errors import BituneInputError
-from ..model import BituneModel, PromptState, answer_pass_logits, record_prompt_pass
-from .tasks import MultipleChoiceItem
+from bitune.core.model import BituneModel, PromptState, answer_pass_logits, record_prompt_pass
+from bitune.core.modes import CAUSAL_ADAPTER, BituneConfig
+from bitune.errors import BituneInputError
+from bitune.evaluation.tasks import MultipleChoiceItem
 
 # lm-eval's default context window when neither the model config nor the tokenizer names one.
 DEFAULT_MAX_LENGTH = 2048

@@ -43,10 +43,10 @@ from typing import Any, Literal
 
 import yaml
 
-from ..data import load_records
-from ..errors import BituneInputError
-from ..files import atomic_write_text
-from .metrics import FLEXIBLE_ANSWER_PATTERN, IGNORED_ANSWER_PATTERNS, STRICT_ANSWER_PATTERN
+from bitune.data.samples import load_records
+from bitune.errors import BituneInputError
+from bitune.evaluation.metrics import FLEXIBLE_ANSWER_PATTERN, IGNORED_ANSWER_PATTERNS, STRICT_ANSWER_PATTERN
+from bitune.files import atomic_write_text
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"

@@ -6,7 +6,7 @@ Example:
     >>> final_checkpoint = train(config)  # doctest: +SKIP
 """
 
-from .config import (
+from bitune.training.config import (
     ModelSettings,
     PeftSettings,
     TrainConfig,
@@ -15,7 +15,7 @@ from .config import (
     load_config,
     parse_overrides,
 )
-from .trainer import (
+from bitune.training.trainer import (
     BituneCollator,
     BituneTrainer,
     MetricsFileCallback,

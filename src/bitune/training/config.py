@@ -1,7 +1,7 @@
 """The settings of a training run: one YAML file, plus `--dotted.key value` overrides on the command line.
 
     model:      {name_or_path: google/gemma-2b}          # hub id or local folder (shorthand: model: ID)
-    data:       {path: train.jsonl, max_length: 512}     # bitune.data.DataConfig (shorthand: data: PATH)
+    data:       {path: train.jsonl, max_length: 512}     # bitune.data.samples.DataConfig (shorthand: data: PATH)
     validation: {size: 0.02}                             # held-out samples for the eval loss (optional)
     peft:       {kind: lora, r: 8, alpha: 1}
     bitune:     {mode: bitune}                           # or an ablation: naive_bidir, no_mixing, ...
@@ -24,9 +24,9 @@ from typing import Any
 import yaml
 from peft import IA3Config, LoraConfig, PeftConfig
 
-from ..config import BituneConfig
-from ..data import DataConfig
-from ..errors import BituneInputError
+from bitune.core.modes import BituneConfig
+from bitune.data.samples import DataConfig
+from bitune.errors import BituneInputError
 
 PEFT_KINDS = ("lora", "dora", "ia3")
 PRECISIONS = ("bf16", "fp16", "fp32")

@@ -35,13 +35,13 @@ from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArgume
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
-from ..batch import collate
-from ..checkpoint import MIXER_FILE, describe, read_config
-from ..data import Sample, load_dataset_samples, split_off
-from ..errors import BituneInputError
-from ..files import atomic_directory, atomic_write_text
-from ..model import BituneModel
-from .config import TrainConfig
+from bitune.core.batch import collate
+from bitune.core.checkpoint import MIXER_FILE, describe, read_config
+from bitune.core.model import BituneModel
+from bitune.data.samples import Sample, load_dataset_samples, split_off
+from bitune.errors import BituneInputError
+from bitune.files import atomic_directory, atomic_write_text
+from bitune.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ _ALPHA_KEY = re.compile(r"^alpha/(keys|values)/(\d+)$")
 
 @dataclass
 class BituneCollator:
-    """Turn samples (`bitune.data.Sample`s, or mappings with `prompt_ids` and `answer_ids`) into a Bitune batch.
+    """Turn samples (`bitune.data.samples.Sample`s, or mappings with `prompt_ids` and `answer_ids`) into a Bitune batch.
 
     Example:
         >>> BituneCollator(pad_token_id=0)([Sample([1, 5, 6], [7, 2]), Sample([1, 8], [2])])["prompt_ids"].tolist()

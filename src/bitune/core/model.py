@@ -1,12 +1,12 @@
 """The Bitune model: any Hugging Face causal LM with a causal and a bidirectional PEFT adapter.
 
-Forward (training and scoring), for a batch laid out as in `bitune.batch`:
+Forward (training and scoring), for a batch laid out as in `bitune.core.batch`:
 
     prompt[:-1] ──causal pass, θ_c──────────► K_c, V_c ─┐
     prompt[:-1] ──bidirectional pass, θ_b──► K_b, V_b ─┴─ mix per layer ─► prompt cache
     [prompt[-1], answer[:-1]] ──causal, θ_c, reading the prompt cache──► logits ─► loss on answer tokens
 
-The ablations of the paper are the same pipeline with other passes (`bitune.config.MODES`).
+The ablations of the paper are the same pipeline with other passes (`bitune.core.modes.MODES`).
 """
 
 from __future__ import annotations
@@ -24,12 +24,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from .batch import check_batch, positions
-from .caches import KVRecorder, PrefixCache, PromptEncoded
-from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig, PromptPass
-from .errors import BituneError
-from .layer_sync import layer_synchronous_logits
-from .mixing import Mixer
+from bitune.core.batch import check_batch, positions
+from bitune.core.caches import KVRecorder, PrefixCache, PromptEncoded
+from bitune.core.layer_sync import layer_synchronous_logits
+from bitune.core.mixing import Mixer
+from bitune.core.modes import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig, PromptPass
+from bitune.errors import BituneError
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -103,10 +103,10 @@ class BituneModel(nn.Module):
         self.peft_model = peft_model
         self.bitune_config = config
         self.mixer = mixer
-        # A merged export (`bitune.export`) holds θ_c in its base weights: the causal passes run no adapter;
+        # A merged export (`bitune.core.export`) holds θ_c in its base weights: the causal passes run no adapter;
         # `peft_model` holds only θ_b (relative to the merged weights), or is the bare model if there is no θ_b.
         self.merged = merged
-        # Training forward: one traversal of the decoder stack (`bitune.layer_sync`), or, when False, the
+        # Training forward: one traversal of the decoder stack (`bitune.core.layer_sync`), or, when False, the
         # three sequential passes of `encode_prompt` + `answer_logits` (the readable reference; same numbers).
         self.layer_synchronous = True
         self._tuner_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
@@ -168,14 +168,14 @@ class BituneModel(nn.Module):
         is_trainable: bool = False,
         **from_pretrained_kwargs,
     ) -> BituneModel:
-        """Rebuild a saved Bitune model; see `bitune.checkpoint` for the format."""
-        from .checkpoint import load_bitune
+        """Rebuild a saved Bitune model; see `bitune.core.checkpoint` for the format."""
+        from bitune.core.checkpoint import load_bitune
 
         return load_bitune(checkpoint_dir, base_model, is_trainable=is_trainable, **from_pretrained_kwargs)
 
     def save_pretrained(self, output_dir: str | Path, tokenizer=None) -> Path:
         """Write the adapters, mixing coefficients, config (and tokenizer) atomically to `output_dir`."""
-        from .checkpoint import save_bitune
+        from bitune.core.checkpoint import save_bitune
 
         return save_bitune(self, output_dir, tokenizer=tokenizer)
 
@@ -221,7 +221,7 @@ class BituneModel(nn.Module):
         answer_mask: torch.Tensor,
         num_items_in_batch: int | torch.Tensor | None = None,
     ) -> BituneOutput:
-        """Loss and logits of the answers given the prompts (layout: `bitune.batch`)."""
+        """Loss and logits of the answers given the prompts (layout: `bitune.core.batch`)."""
         check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
         self._check_activation_checkpointing()
         if self.bitune_config.mode == "baseline":
@@ -269,8 +269,8 @@ class BituneModel(nn.Module):
     def generate(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs
     ):
-        """Like `transformers` `generate`; prefill reads the prompts twice. See `bitune.generation.generate`."""
-        from .generation import generate
+        """Like `transformers` `generate`; prefill reads the prompts twice. See `bitune.core.generation.generate`."""
+        from bitune.core.generation import generate
 
         return generate(self, input_ids, attention_mask, **generate_kwargs)
 

@@ -7,7 +7,7 @@ max_token_length, then per token a float32 score, an int32 byte length and the U
 loads with `AutoModelForCausalLM` / `AutoTokenizer`:
 
     >>> from transformers import AutoModelForCausalLM
-    >>> from bitune.convert import convert_llama2c
+    >>> from bitune.core.convert import convert_llama2c
     >>> folder = convert_llama2c("stories260K.bin", "tok512.bin", "stories260k-hf")  # doctest: +SKIP
     >>> model = AutoModelForCausalLM.from_pretrained(folder)  # doctest: +SKIP
 """
@@ -25,8 +25,8 @@ from tokenizers.models import BPE
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
 
-from .errors import BituneInputError
-from .files import atomic_directory
+from bitune.errors import BituneInputError
+from bitune.files import atomic_directory
 
 # llama2.c's run.c hard-codes these (RMSNorm eps, RoPE base) rather than storing them in the file.
 LLAMA2C_RMS_NORM_EPS = 1e-5

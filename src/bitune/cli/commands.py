@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from transformers import set_seed
 
-from .checkpoint import recorded_base_model
-from .data import PLAIN_TEMPLATE
-from .errors import BituneInputError
-from .generation import generate_text, stream
-from .model import BituneModel
+from bitune.core.checkpoint import recorded_base_model
+from bitune.core.generation import generate_text, stream
+from bitune.core.model import BituneModel
+from bitune.core.prompts import render_prompt
+from bitune.errors import BituneInputError
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,7 +50,7 @@ examples:
 settings (any of them as --section.key VALUE; see configs/paper_lora.yaml for all):
   model.name_or_path (or --model), model.dtype, data.path (or --data), data.format, data.template,
   data.max_length, data.limit, validation.path, validation.size, peft.kind (lora|dora|ia3), peft.r,
-  peft.alpha, bitune.mode, bitune.mixing, training.learning_rate, training.max_steps,
+  peft.alpha, bitune.mode, bitune.core.mixing, training.learning_rate, training.max_steps,
   training.batch_size, training.gradient_accumulation_steps, training.precision (bf16|fp16|fp32),
   training.activation_checkpointing, training.save_steps, training.eval_steps, output_dir, device
 """
@@ -77,7 +77,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """Run the `train` command; returns the exit code."""
-    from .training import load_config, train  # imported here: transformers' Trainer is slow to import
+    from bitune.training import load_config, train  # imported here: transformers' Trainer is slow to import
 
     config = load_config(args.config, args.overrides)
     _log_to_console()
@@ -188,7 +188,7 @@ def load_for_inference(
     Example:
         >>> model, tokenizer = load_for_inference("runs/bitune/final")  # doctest: +SKIP
     """
-    from .training import load_tokenizer
+    from bitune.training import load_tokenizer
 
     checkpoint = Path(checkpoint)
     base = base_model or recorded_base_model(checkpoint)
@@ -198,29 +198,6 @@ def load_for_inference(
     tokenizer = load_tokenizer(str(checkpoint) if has_tokenizer else base)
     model = BituneModel.from_pretrained(checkpoint, base_model, dtype=DTYPES[dtype])
     return model.to(_resolve_device(device)).eval(), tokenizer
-
-
-def render_prompt(text: str, template: str, tokenizer) -> str:
-    """Put a user message into a template: "plain" (the paper's), "chat" (the tokenizer's), "none", or "...{prompt}...".
-
-    Example:
-        >>> render_prompt("Hi", "plain", None)
-        'Question: Hi\\n\\nAnswer:'
-    """
-    if template == "none":
-        return text
-    if template == "chat":
-        if not tokenizer.chat_template:
-            raise BituneInputError("--template chat: the tokenizer has no chat template; use plain")
-        message = [{"role": "user", "content": text}]
-        return tokenizer.apply_chat_template(message, tokenize=False, add_generation_prompt=True)
-    if template == "plain":
-        template = PLAIN_TEMPLATE
-    if "{prompt}" not in template:
-        raise BituneInputError(
-            f"--template {template!r}: use plain, chat, none, or a text containing {{prompt}}"
-        )
-    return template.replace("{prompt}", text)
 
 
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,7 +7,7 @@
       bidir/                     θ_b, same layout (absent in modes without it)
       tokenizer files            when a tokenizer was given
 
-Everything is safetensors or JSON (no pickle), written atomically. A merged export (`bitune.export`) has the
+Everything is safetensors or JSON (no pickle), written atomically. A merged export (`bitune.core.export`) has the
 same layout plus the merged base model's own files; its config says `"merged": true` and its base model is the
 folder itself.
 """
@@ -23,14 +23,14 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from . import __version__
-from .config import BituneConfig
-from .errors import BituneError, BituneInputError
-from .files import atomic_directory
-from .mixing import Mixer
+from bitune import __version__
+from bitune.core.mixing import Mixer
+from bitune.core.modes import BituneConfig
+from bitune.errors import BituneError, BituneInputError
+from bitune.files import atomic_directory
 
 if TYPE_CHECKING:
-    from .model import BituneModel
+    from bitune.core.model import BituneModel
 
 CONFIG_FILE = "bitune_config.json"
 MIXER_FILE = "bitune_mixer.safetensors"
@@ -41,7 +41,7 @@ def save_bitune(model: BituneModel, output_dir: str | Path, tokenizer=None) -> P
     """Write `model` to `output_dir` (replaced atomically if it exists)."""
     if model.merged:
         raise BituneError(
-            "this model is a merged export (bitune.export); copy its folder instead of saving it"
+            "this model is a merged export (bitune.core.export); copy its folder instead of saving it"
         )
     output_dir = Path(output_dir)
     adapters = list(model.bitune_config.spec.adapters)
@@ -55,7 +55,7 @@ def save_bitune(model: BituneModel, output_dir: str | Path, tokenizer=None) -> P
 
 
 def describe(model: BituneModel) -> dict:
-    """The content of `bitune_config.json` for `model` (`bitune.export` overrides a few fields)."""
+    """The content of `bitune_config.json` for `model` (`bitune.core.export` overrides a few fields)."""
     base = model.base_model
     adapters = list(model.bitune_config.spec.adapters)
     return {
@@ -117,7 +117,7 @@ def load_bitune(
     **from_pretrained_kwargs,
 ) -> BituneModel:
     """Rebuild the exact model saved in `checkpoint_dir` (base model from the checkpoint unless given)."""
-    from .model import BituneModel
+    from bitune.core.model import BituneModel
 
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)

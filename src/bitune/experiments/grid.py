@@ -1,7 +1,7 @@
 """Check the paper's claim on your own model and data: a grid of runs, trained and evaluated alike.
 
     bitune experiment configs/experiments/cpu_synthetic.yaml     # runs the grid, then writes the report
-    bitune report runs/experiments/cpu-synthetic                 # the report again (bitune.report)
+    bitune report runs/experiments/cpu-synthetic                 # the report again (bitune.experiments.report)
 
 An experiment file (paths are relative to the working directory, as in training configs):
 
@@ -27,7 +27,7 @@ Optional stages, run once per experiment and kept in output_dir (a changed stage
 silent rebuild):
 
     synthetic: {task_types: [...], n_train: 4000, n_test: 300}   # training data + held-out questions from
-                                  # bitune.synthetic; evaluation task "synthetic" scores the held-out questions
+                                  # bitune.experiments.synthetic; evaluation task "synthetic" scores the held-out questions
                                   # (one task per type): exact match of the greedy answer, and acc/acc_norm of
                                   # the answer's log-likelihood among all answers of its type
     ultrafeedback: {}             # the paper's instruction data: UltraFeedback's GPT-4 answers
@@ -61,23 +61,31 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, get_cosine_schedule_with_warmup
 
-from . import synthetic
-from .batch import pad_left
-from .checkpoint import CONFIG_FILE as CHECKPOINT_CONFIG_FILE
-from .commands import DTYPES, _HelpFormatter, _resolve_device, load_for_inference
-from .config import MODES
-from .convert import convert_llama2c
-from .data import DataConfig, Record, build_samples, load_records
-from .errors import BituneInputError
-from .evaluation.metrics import TaskResult, multiple_choice_scores, summarize
-from .evaluation.runner import evaluate
-from .evaluation.scoring import context_window, load_scoring_model, loglikelihoods
-from .evaluation.tasks import GENERATION, MULTIPLE_CHOICE, STYLES, TASK_NAMES, Task, load_task
-from .files import atomic_directory, atomic_write_json, atomic_write_text
-from .report import BASE_EVAL_FILE, CELLS_DIR, DONE_FILE, EVAL_FILE, EXPERIMENT_FILE, cell_name, write_report
-from .training import TrainConfig, load_tokenizer, train
-from .training.config import PEFT_KINDS, _build, _expand_shorthands, read_config_file, read_yaml_mapping
-from .training.trainer import FINAL_DIR
+from bitune.cli.commands import DTYPES, _HelpFormatter, _resolve_device, load_for_inference
+from bitune.core.batch import pad_left
+from bitune.core.checkpoint import CONFIG_FILE as CHECKPOINT_CONFIG_FILE
+from bitune.core.convert import convert_llama2c
+from bitune.core.modes import MODES
+from bitune.data.samples import DataConfig, Record, build_samples, load_records
+from bitune.errors import BituneInputError
+from bitune.evaluation.metrics import TaskResult, multiple_choice_scores, summarize
+from bitune.evaluation.runner import evaluate
+from bitune.evaluation.scoring import context_window, load_scoring_model, loglikelihoods
+from bitune.evaluation.tasks import GENERATION, MULTIPLE_CHOICE, STYLES, TASK_NAMES, Task, load_task
+from bitune.experiments import synthetic
+from bitune.experiments.report import (
+    BASE_EVAL_FILE,
+    CELLS_DIR,
+    DONE_FILE,
+    EVAL_FILE,
+    EXPERIMENT_FILE,
+    cell_name,
+    write_report,
+)
+from bitune.files import atomic_directory, atomic_write_json, atomic_write_text
+from bitune.training import TrainConfig, load_tokenizer, train
+from bitune.training.config import PEFT_KINDS, _build, _expand_shorthands, read_config_file, read_yaml_mapping
+from bitune.training.trainer import FINAL_DIR
 
 DATA_DIR = "data"
 BASE_MODEL_DIR = "base_model"
@@ -127,7 +135,7 @@ class GridSettings:
 
 @dataclass
 class SyntheticSettings:
-    """Training rows and held-out questions from `bitune.synthetic.make_qa_dataset`."""
+    """Training rows and held-out questions from `bitune.experiments.synthetic.make_qa_dataset`."""
 
     task_types: list[str]
     n_train: int
@@ -157,7 +165,7 @@ class UltraFeedbackSettings:
 
 @dataclass
 class PretrainSettings:
-    """Pretraining a small Llama (`bitune.synthetic.pretrain_config`) from scratch on synthetic stories."""
+    """Pretraining a small Llama (`bitune.experiments.synthetic.pretrain_config`) from scratch on synthetic stories."""
 
     stories: int
     steps: int
@@ -176,7 +184,7 @@ class PretrainSettings:
 
 @dataclass
 class Llama2cSettings:
-    """A llama2.c checkpoint and tokenizer, converted to a Hugging Face model (`bitune.convert`)."""
+    """A llama2.c checkpoint and tokenizer, converted to a Hugging Face model (`bitune.core.convert`)."""
 
     checkpoint: str
     tokenizer: str
@@ -432,7 +440,7 @@ def _jsonl(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def write_synthetic_data(settings: SyntheticSettings, folder: Path) -> None:
-    """train.jsonl and test.jsonl rows {prompt, completion, task} from `bitune.synthetic.make_qa_dataset`."""
+    """train.jsonl and test.jsonl rows {prompt, completion, task} from `bitune.experiments.synthetic.make_qa_dataset`."""
     data = synthetic.make_qa_dataset(settings.task_types, settings.n_train, settings.n_test, settings.seed)
     for split, rows in data.items():
         atomic_write_text(folder / f"{split}.jsonl", _jsonl(rows))
@@ -549,7 +557,7 @@ def prepare_stages(experiment: Experiment) -> None:
 class SyntheticTask:
     """Held-out synthetic questions of one type, scored two ways from the training tokenisation.
 
-    * `exact_match`: the first word of the greedy answer is the answer (`bitune.synthetic.exact_match`);
+    * `exact_match`: the first word of the greedy answer is the answer (`bitune.experiments.synthetic.exact_match`);
     * `acc` / `acc_norm`: the answer (with its EOS, as trained) is the most likely of all answers this type of
       question has (a multiple-choice reading over the closed answer set, as the benchmarks are scored).
     """

@@ -15,13 +15,13 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from .batch import left_pad, pad_left
-from .config import CAUSAL_ADAPTER
-from .data import encode_prompts
-from .errors import BituneInputError
+from bitune.core.batch import left_pad, pad_left
+from bitune.core.modes import CAUSAL_ADAPTER
+from bitune.core.prompts import encode_prompts
+from bitune.errors import BituneInputError
 
 if TYPE_CHECKING:
-    from .model import BituneModel
+    from bitune.core.model import BituneModel
 
 
 @torch.no_grad()
@@ -66,7 +66,7 @@ class DecodedStopStrings(StoppingCriteria):
     """Stops each row once the text it generated contains one of `stop_strings`, by decoding it every step.
 
     For tokenizers that transformers' `StopStringCriteria` cannot read: it decodes every vocabulary entry
-    after a fixed prefix, which a closed word-level vocabulary (e.g. `bitune.synthetic`'s) cannot spell.
+    after a fixed prefix, which a closed word-level vocabulary (e.g. `bitune.experiments.synthetic`'s) cannot spell.
     """
 
     def __init__(self, tokenizer, stop_strings: Sequence[str], prompt_length: int) -> None:

@@ -23,12 +23,12 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from .batch import positions
-from .caches import PromptEncoded, _PrefixLayer
-from .config import CAUSAL_ADAPTER, PromptPass
+from bitune.core.batch import positions
+from bitune.core.caches import PromptEncoded, _PrefixLayer
+from bitune.core.modes import CAUSAL_ADAPTER, PromptPass
 
 if TYPE_CHECKING:
-    from .model import BituneModel
+    from bitune.core.model import BituneModel
 
 
 class _LayerInputs(nn.Module):

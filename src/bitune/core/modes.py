@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from .errors import BituneInputError
+from bitune.errors import BituneInputError
 
 Mode = Literal["bitune", "naive_bidir", "no_mixing", "only_causal", "shared_weights", "baseline"]
 MixingFunction = Literal["abs", "relu"]

@@ -17,7 +17,7 @@ evaluation items: every item's score is averaged over the seeds of each method, 
 sign-flip permutation test (`paired_permutation_test`) asks whether the per-item differences could be
 symmetric around zero. For the average over tasks the items are weighted so that every task counts the same.
 
-The experiment folder (written by `bitune.experiment`, read here):
+The experiment folder (written by `bitune.experiments.grid`, read here):
 
     experiment.json                  the grid, the tasks and the settings of the run
     base_eval.json                   the untuned base model's scores (optional)
@@ -43,8 +43,8 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .errors import BituneInputError
-from .files import atomic_directory
+from bitune.errors import BituneInputError
+from bitune.files import atomic_directory
 
 EXPERIMENT_FILE = "experiment.json"
 BASE_EVAL_FILE = "base_eval.json"

@@ -9,7 +9,7 @@ its bidirectional prompt pass with θ_b. With LoRA both are low-rank updates of 
 The export stores W' as an ordinary model and, in the modes that have θ_b, that one LoRA, whose layers the
 loaded `BituneModel` plugs in for the bidirectional prefill only: every other pass and every decoding step
 runs the plain model, at its speed. In the modes without θ_b (naive_bidir, shared_weights, baseline) every
-pass runs θ_c, so the export has no adapter at all. The layout is a Bitune checkpoint (`bitune.checkpoint`) plus the
+pass runs θ_c, so the export has no adapter at all. The layout is a Bitune checkpoint (`bitune.core.checkpoint`) plus the
 merged model's own files; `BituneModel.from_pretrained(folder)` loads it, and so does
 `AutoModelForCausalLM.from_pretrained(folder)` (the causal model alone: the baseline mode's fine-tuned model).
 
@@ -35,13 +35,13 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
-from .checkpoint import describe, write_config, write_mixer
-from .config import BIDIR_ADAPTER, CAUSAL_ADAPTER
-from .errors import BituneError, BituneInputError
-from .files import atomic_directory
+from bitune.core.checkpoint import describe, write_config, write_mixer
+from bitune.core.modes import BIDIR_ADAPTER, CAUSAL_ADAPTER
+from bitune.errors import BituneError, BituneInputError
+from bitune.files import atomic_directory
 
 if TYPE_CHECKING:
-    from .model import BituneModel
+    from bitune.core.model import BituneModel
 
 
 @torch.no_grad()
@@ -68,7 +68,7 @@ def export_merged(model: BituneModel, output_dir: str | Path, tokenizer=None) ->
     has_bidir = BIDIR_ADAPTER in model.bitune_config.spec.adapters
     config = {
         **describe(model),
-        "base_model": ".",  # this folder: `bitune.checkpoint` loads merged exports from themselves
+        "base_model": ".",  # this folder: `bitune.core.checkpoint` loads merged exports from themselves
         "merged": True,
         "merged_from": base.config._name_or_path or None,
         "adapters": [BIDIR_ADAPTER] if has_bidir else [],
@@ -194,7 +194,7 @@ def _bidir_relative_to_merged(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the `export` arguments to `parser` (used by the `bitune` CLI)."""
-    from .commands import DTYPES, _add_checkpoint_arguments, _HelpFormatter
+    from bitune.cli.commands import DTYPES, _add_checkpoint_arguments, _HelpFormatter
 
     parser.formatter_class = _HelpFormatter
     parser.description = (
@@ -217,8 +217,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the `export` command; returns the exit code."""
     from transformers import AutoTokenizer
 
-    from .commands import DTYPES
-    from .model import BituneModel
+    from bitune.cli.commands import DTYPES
+    from bitune.core.model import BituneModel
 
     model = BituneModel.from_pretrained(args.checkpoint, args.base_model, dtype=DTYPES[args.dtype])
     tokenizer_source = (

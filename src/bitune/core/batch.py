@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .errors import BituneInputError
+from bitune.errors import BituneInputError
 
 Batch = dict[str, torch.Tensor]
 
@@ -90,14 +90,14 @@ def check_batch(
     if not _is_padded(prompt_mask, left=True):
         raise BituneInputError(
             "prompts must be padded on the left (prompt_mask like [0, 0, 1, 1]); build batches with "
-            "bitune.batch.collate or bitune.batch.split_sequences"
+            "bitune.core.batch.collate or bitune.core.batch.split_sequences"
         )
     if answer_ids.shape[1] == 0 or (answer_mask.sum(-1) < 1).any():
         raise BituneInputError("every answer needs at least 1 token (usually the answer text plus EOS)")
     if not _is_padded(answer_mask, left=False):
         raise BituneInputError(
             "answers must be padded on the right (answer_mask like [1, 1, 0]); build batches with "
-            "bitune.batch.collate or bitune.batch.split_sequences"
+            "bitune.core.batch.collate or bitune.core.batch.split_sequences"
         )
 
 

@@ -36,12 +36,12 @@ from typing import Any, NoReturn, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
-from .errors import BituneInputError
+from bitune.core.prompts import PLAIN_TEMPLATE, encode_prompts, split_answers
+from bitune.errors import BituneInputError
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "alpaca", "prompt_completion", "messages", "columns", "csqa")
-PLAIN_TEMPLATE = "Question: {prompt}\n\nAnswer:"
 OVERLONG_POLICIES = ("drop", "truncate")
 EMPTY_POLICIES = ("error", "drop")
 FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
@@ -574,7 +574,7 @@ def _tokenize(
     if not examples:
         return []
     prompt_ids = encode_prompts(tokenizer, prompts)
-    answer_ids = _encode_answers(tokenizer, prompts, prompt_ids, answers)
+    answer_ids = split_answers(tokenizer, prompts, prompt_ids, answers)
     samples = []
     for example, prompt, answer in zip(examples, prompt_ids, answer_ids, strict=True):
         if len(prompt) < 2:
@@ -584,49 +584,6 @@ def _tokenize(
             )
         samples.append(Sample(prompt, [*answer, tokenizer.eos_token_id]))
     return samples
-
-
-def _encode_answers(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], prompt_ids: list[list[int]], answers: list[str]
-) -> list[list[int]]:
-    """Each answer's tokens as they follow its prompt: the tail of `prompt + answer`'s tokens.
-
-    As the authors' code splits them (and lm-eval, for prompts that do not end in whitespace, whose trailing
-    spaces it moves to the answer). Encoded alone, " Paris" gets a SentencePiece tokenizer's dummy prefix
-    (Llama-2: an extra lone "▁" before "▁Paris") that the answer never has after a prompt. Where the whole
-    text's tokens do not start with the prompt's (a merge across the boundary, e.g. after a prompt ending in a
-    space), the answer is encoded alone, so that training and generation see the same prompt tokens.
-    """
-    wholes = encode_prompts(tokenizer, [prompt + answer for prompt, answer in zip(prompts, answers)])
-    split = [
-        whole[len(prompt) :] if whole[: len(prompt)] == prompt else None
-        for prompt, whole in zip(prompt_ids, wholes)
-    ]
-    unsplit = [index for index, ids in enumerate(split) if ids is None]
-    if unsplit:
-        alone = tokenizer([answers[index] for index in unsplit], **_NO_SPECIAL_TOKENS)["input_ids"]
-        for index, ids in zip(unsplit, alone):
-            split[index] = ids
-    return split
-
-
-# Batched calls let a fast tokenizer work in parallel; special tokens are placed by hand.
-_NO_SPECIAL_TOKENS = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
-
-
-def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of rendered prompts exactly as training sees them: the text, with BOS in front once.
-
-    Used for training data and for generation alike, so a tokenizer that does not add BOS by itself (or a
-    chat template that already writes it) gives the same prompt tokens in both.
-
-    Example:
-        >>> encode_prompts(tokenizer, ["Question: Hi\n\nAnswer:"])  # doctest: +SKIP
-        [[1, 894, 29901, ...]]
-    """
-    bos = tokenizer.bos_token_id
-    encoded = tokenizer(list(texts), **_NO_SPECIAL_TOKENS)["input_ids"]
-    return [ids if bos is None or ids[:1] == [bos] else [bos, *ids] for ids in encoded]
 
 
 def _apply_length_policy(

@@ -1,9 +1,9 @@
 """`bitune demo`: a real Bitune job from nothing, in a few minutes on a CPU.
 
 A fresh clone has no weights and no data, so the demo makes its own: synthetic context-then-question data
-(`bitune.synthetic`), a small Llama pretrained from scratch on the stories, then Bitune instruction-tuning on
+(`bitune.experiments.synthetic`), a small Llama pretrained from scratch on the stories, then Bitune instruction-tuning on
 the QA pairs. It reports exact-match accuracy on held-out questions against the untuned model, saves the
-checkpoint and prints a sample answer. It is a one-cell experiment of `bitune.experiment`, so the same code
+checkpoint and prints a sample answer. It is a one-cell experiment of `bitune.experiments.grid`, so the same code
 runs the reproduction harness.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from .files import atomic_write_text
+from bitune.files import atomic_write_text
 
 DEFAULT_OUTPUT = "runs/demo"
 
@@ -64,8 +64,8 @@ def demo_experiment(output_dir: str, quick: bool = False) -> dict:
 
 def run_demo(output_dir: str | Path = DEFAULT_OUTPUT, quick: bool = False) -> dict:
     """Run the demo; returns {"untuned": exact match per task, "bitune": ..., "checkpoint": path}."""
-    from .experiment import DATA_DIR, load_experiment, run_experiment
-    from .report import BASE_EVAL_FILE, EVAL_FILE
+    from bitune.experiments.grid import DATA_DIR, load_experiment, run_experiment
+    from bitune.experiments.report import BASE_EVAL_FILE, EVAL_FILE
 
     output_dir = Path(output_dir)
     config_file = output_dir / "demo.yaml"
@@ -100,8 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .commands import load_for_inference
-    from .generation import generate_text
+    from bitune.cli.commands import load_for_inference
+    from bitune.core.generation import generate_text
 
     result = run_demo(args.output_dir, args.quick)
     print(f"\n{'task':<18}{'untuned':>10}{'bitune':>10}   (exact match on held-out questions)")

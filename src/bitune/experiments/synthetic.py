@@ -30,7 +30,7 @@ from typing import Any
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import LlamaConfig, PreTrainedTokenizerFast
 
-from .errors import BituneInputError
+from bitune.errors import BituneInputError
 
 NAMES = ("mary", "john", "sandra", "daniel", "emma", "oliver", "lucy", "peter")
 PLACES = ("kitchen", "garden", "office", "hallway", "bedroom", "bathroom", "cellar", "garage")

@@ -11,19 +11,19 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .errors import BituneInputError
+from bitune import __version__
+from bitune.errors import BituneInputError
 
 # name -> (module, adder, runner, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "demo": (
-        "bitune.demo",
+        "bitune.experiments.demo",
         "add_arguments",
         "run",
         "the self-contained demo: synthetic data, a tiny pretrained model, Bitune tuning, accuracy",
     ),
     "convert-llama2c": (
-        "bitune.convert",
+        "bitune.core.convert",
         "add_convert_arguments",
         "run_convert",
         "convert a llama2.c checkpoint + tokenizer into a Hugging Face model folder",
@@ -41,32 +41,37 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
         "run lm-evaluation-harness with the `bitune` model registered",
     ),
     "train": (
-        "bitune.commands",
+        "bitune.cli.commands",
         "add_train_arguments",
         "run_train",
         "fine-tune a model with Bitune from a YAML config (+ --key value overrides)",
     ),
     "generate": (
-        "bitune.commands",
+        "bitune.cli.commands",
         "add_generate_arguments",
         "run_generate",
         "answer prompts with a trained model",
     ),
-    "chat": ("bitune.commands", "add_chat_arguments", "run_chat", "talk to a trained model in the terminal"),
+    "chat": (
+        "bitune.cli.commands",
+        "add_chat_arguments",
+        "run_chat",
+        "talk to a trained model in the terminal",
+    ),
     "export": (
-        "bitune.export",
+        "bitune.core.export",
         "add_arguments",
         "run",
         "write a LoRA checkpoint with θ_c merged into the base weights, for serving at the base model's speed",
     ),
     "experiment": (
-        "bitune.experiment",
+        "bitune.experiments.grid",
         "add_arguments",
         "run",
         "run a grid of Bitune, baseline and ablation trainings (methods x PEFT kinds x seeds), then report",
     ),
     "report": (
-        "bitune.report",
+        "bitune.experiments.report",
         "add_arguments",
         "run",
         "write the report (tables, paired tests, plots) of an experiment folder",
