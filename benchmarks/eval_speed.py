@@ -37,8 +37,9 @@ from transformers import AutoTokenizer, PreTrainedModel
 
 from bitune import BituneConfig, BituneModel
 from bitune.core.convert import convert_llama2c
+from bitune.core.plain import PlainModel
 from bitune.evaluation.harness import BituneLM
-from bitune.evaluation.scoring import PlainModel, score_multiple_choice
+from bitune.evaluation.scoring import score_multiple_choice
 from bitune.evaluation.tasks import MultipleChoiceItem, load_task
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

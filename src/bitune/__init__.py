@@ -4,15 +4,17 @@ Example:
     >>> from bitune import BituneConfig, BituneModel, collate
 """
 
-__version__ = "0.1.0"
-
-from bitune.core.batch import collate, split_sequences  # noqa: E402
-from bitune.core.generation import generate_text, stream  # noqa: E402
-from bitune.core.model import BituneModel, BituneOutput, PromptState  # noqa: E402
-from bitune.core.modes import MODES, BituneConfig  # noqa: E402
-from bitune.errors import BituneError, BituneInputError  # noqa: E402
+from bitune._version import __version__
+from bitune.core.batch import collate, split_sequences
+from bitune.core.generation import generate_text, stream
+from bitune.core.model import BituneModel, BituneOutput, PromptState
+from bitune.core.modes import BIDIR_ADAPTER, CAUSAL_ADAPTER, MODES, BituneConfig
+from bitune.errors import BituneError, BituneInputError
 
 __all__ = [
+    "__version__",
+    "BIDIR_ADAPTER",
+    "CAUSAL_ADAPTER",
     "MODES",
     "BituneConfig",
     "BituneError",

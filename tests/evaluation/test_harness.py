@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bitune import BituneConfig, BituneModel
 from bitune.cli import build_parser, main
-from bitune.evaluation.scoring import PlainModel, encode_pair, loglikelihoods
+from bitune.core.plain import PlainModel
+from bitune.evaluation.scoring import encode_pair, loglikelihoods
 from bitune.evaluation.tasks import export_lm_eval_task, load_task
 
 lm_eval = pytest.importorskip("lm_eval")

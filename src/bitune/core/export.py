@@ -23,7 +23,6 @@ Only plain LoRA on linear layers can be exported this way; DoRA, IA3 and the oth
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,7 +36,7 @@ from safetensors.torch import save_file
 
 from bitune.core.checkpoint import describe, write_config, write_mixer
 from bitune.core.modes import BIDIR_ADAPTER, CAUSAL_ADAPTER
-from bitune.errors import BituneError, BituneInputError
+from bitune.errors import BituneError
 from bitune.files import atomic_directory
 
 if TYPE_CHECKING:
@@ -187,55 +186,3 @@ def _bidir_relative_to_merged(
         inference_mode=True,
     )
     return config, weights
-
-
-# ---------------------------------------------------------------------------------------------- bitune export
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the `export` arguments to `parser` (used by the `bitune` CLI)."""
-    from bitune.cli.commands import DTYPES, _add_checkpoint_arguments, _HelpFormatter
-
-    parser.formatter_class = _HelpFormatter
-    parser.description = (
-        "Write a LoRA Bitune checkpoint as a merged model for serving: θ_c is folded into the base weights "
-        "and θ_b becomes one LoRA relative to them (used only to read the prompt), so decoding runs at the "
-        "base model's speed. Load the result with BituneModel.from_pretrained(OUTPUT_DIR) or `bitune "
-        "generate --checkpoint OUTPUT_DIR`."
-    )
-    _add_checkpoint_arguments(parser)
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=list(DTYPES),
-        help="dtype of the exported weights (merged in float32)",
-    )
-    parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="the folder to write")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the `export` command; returns the exit code."""
-    from transformers import AutoTokenizer
-
-    from bitune.cli.commands import DTYPES
-    from bitune.core.model import BituneModel
-
-    model = BituneModel.from_pretrained(args.checkpoint, args.base_model, dtype=DTYPES[args.dtype])
-    tokenizer_source = (
-        args.checkpoint
-        if (args.checkpoint / "tokenizer_config.json").is_file()
-        else model.config._name_or_path
-    )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_source)
-    except (OSError, ValueError):
-        tokenizer = None
-        print(f"bitune export: note: no tokenizer found in {tokenizer_source}; the export has none")
-    try:
-        export_merged(model, args.output_dir, tokenizer)
-    except BituneError as error:
-        raise BituneInputError(f"{args.checkpoint}: {error}") from error
-    has_bidir = BIDIR_ADAPTER in model.bitune_config.spec.adapters
-    adapter = "a LoRA for the bidirectional prompt pass" if has_bidir else "no adapter"
-    print(f"exported {args.checkpoint} to {args.output_dir}: merged weights and {adapter}")
-    return 0

@@ -16,6 +16,8 @@ from transformers import (
 )
 
 from bitune.core.batch import left_pad, pad_left
+from bitune.core.compat import cache_argument
+from bitune.core.loading import pad_token_id as tokenizer_pad_id
 from bitune.core.modes import CAUSAL_ADAPTER
 from bitune.core.prompts import encode_prompts
 from bitune.errors import BituneInputError
@@ -51,11 +53,13 @@ def generate(
         input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
     generate_kwargs.setdefault("pad_token_id", pad_token_id)
     _readable_stop_strings(generate_kwargs, prompt_length=input_ids.shape[1])
-    if model.bitune_config.mode != "baseline":
+    if not model.bitune_config.spec.single_pass:
         # The cache covers prompt[:-1]; `generate` then feeds the last prompt token itself (see
         # hf_stack_notes: a cache over the whole prompt makes `generate` re-feed every prompt token).
         state = model.encode_prompt(input_ids, attention_mask)
-        generate_kwargs["past_key_values"] = DynamicCache(state.cache, config=model.config)
+        generate_kwargs.update(
+            cache_argument(model.base_model, DynamicCache(state.cache, config=model.config))
+        )
     with model._adapter(CAUSAL_ADAPTER):
         return model.base_model.generate(
             input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
@@ -98,16 +102,37 @@ def _readable_stop_strings(generate_kwargs: dict, prompt_length: int) -> None:
 def generate_text(model: BituneModel, tokenizer, prompts: Sequence[str], **generate_kwargs) -> list[str]:
     """Generate one completion per prompt string and return the new text only.
 
+    The prompts are tokenised as training tokenises them (`bitune.core.prompts.encode_prompts`) and
+    left-padded. `model` is anything with `BituneModel`'s `generate` (a `BituneModel`, a
+    `bitune.core.plain.PlainModel`).
+
     Example:
         >>> generate_text(model, tokenizer, ["Question: Who wrote Hamlet?\\n\\nAnswer:"], max_new_tokens=16)  # doctest: +SKIP
     """
     encoded = _encode(tokenizer, prompts, model.device)
-    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    return generate_new_text(
+        model, tokenizer, encoded["input_ids"], encoded["attention_mask"], **generate_kwargs
+    )
+
+
+def generate_new_text(
+    model: BituneModel,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    **generate_kwargs,
+) -> list[str]:
+    """Generate from already tokenised prompts and return the new text only (special tokens skipped).
+
+    The one place that completes the generation arguments: the tokenizer's padding id (`pad_token_id`) and,
+    for `stop_strings`, the tokenizer itself. `generate_text` calls it after tokenising; evaluation calls it
+    with prompts tokenised as lm-eval tokenises them.
+    """
+    generate_kwargs.setdefault("pad_token_id", tokenizer_pad_id(tokenizer))
     if "stop_strings" in generate_kwargs:
         generate_kwargs.setdefault("tokenizer", tokenizer)
-    output = generate(model, encoded["input_ids"], encoded["attention_mask"], **generate_kwargs)
-    new_tokens = output[:, encoded["input_ids"].shape[1] :]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    output = model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+    return tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
 
 
 def stream(model: BituneModel, tokenizer, prompt: str, **generate_kwargs) -> Iterator[str]:
@@ -119,7 +144,7 @@ def stream(model: BituneModel, tokenizer, prompt: str, **generate_kwargs) -> Ite
     """
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     encoded = _encode(tokenizer, [prompt], model.device)
-    generate_kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    generate_kwargs.setdefault("pad_token_id", tokenizer_pad_id(tokenizer))
     errors: list[BaseException] = []
 
     def work() -> None:
@@ -140,6 +165,5 @@ def stream(model: BituneModel, tokenizer, prompt: str, **generate_kwargs) -> Ite
 
 
 def _encode(tokenizer, prompts: Sequence[str], device: torch.device) -> dict[str, torch.Tensor]:
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = pad_left(encode_prompts(tokenizer, prompts), pad_token_id)
+    batch = pad_left(encode_prompts(tokenizer, prompts), tokenizer_pad_id(tokenizer))
     return {k: v.to(device) for k, v in batch.items()}

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache
 
-from bitune.core.batch import positions
 from bitune.core.caches import PromptEncoded, _PrefixLayer
 from bitune.core.modes import CAUSAL_ADAPTER, PromptPass
+from bitune.core.passes import answer_pass_inputs, prompt_pass_inputs
 
 if TYPE_CHECKING:
     from bitune.core.model import BituneModel
@@ -101,17 +101,9 @@ def _prepare_stream(model: BituneModel, prompt_pass: PromptPass, ids, mask) -> _
     """Let the model's decoder build this stream's embeddings, rotary tables and masks for every layer."""
     decoder = model.base_model.get_decoder()
     stream = _PromptStream(prompt_pass, model._recorder())
-    direction = {"is_causal": False} if prompt_pass.bidirectional else {}
     sink: list = []
     with model._adapter(prompt_pass.adapter), _layers_replaced(decoder, sink):
-        decoder(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions(mask),
-            past_key_values=stream.recorder,
-            use_cache=True,
-            **direction,
-        )
+        decoder(**prompt_pass_inputs(decoder, ids, mask, stream.recorder, prompt_pass.bidirectional))
     stream.hidden = sink[0][0]
     stream.layer_inputs = [(args, kwargs) for _, args, kwargs in sink]
     return stream
@@ -145,17 +137,10 @@ def layer_synchronous_logits(
         prefix.set_prefix(index, keys, values)
 
     hooks = [layer.register_forward_pre_hook(advance_prompt_streams) for layer in layers]
-    tokens = torch.cat([prompt_ids[:, -1:], answer_ids[:, :-1]], dim=1)
-    full_mask = torch.cat([prompt_mask, answer_mask[:, :-1]], dim=1)
+    inputs = answer_pass_inputs(model.base_model, prompt_ids, prompt_mask, answer_ids, answer_mask, prefix)
     try:
         with model._adapter(CAUSAL_ADAPTER):
-            return model.base_model(
-                input_ids=tokens,
-                attention_mask=full_mask,
-                position_ids=positions(full_mask)[:, -tokens.shape[1] :],
-                past_key_values=prefix,
-                use_cache=True,
-            ).logits
+            return model.base_model(**inputs).logits
     finally:
         for hook in hooks:
             hook.remove()

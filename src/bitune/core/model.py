@@ -21,17 +21,28 @@ import torch.nn.functional as F
 from peft import PeftConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from bitune.core.batch import check_batch, positions
-from bitune.core.caches import KVRecorder, PrefixCache, PromptEncoded
+from bitune.core.caches import KVRecorder
+from bitune.core.checkpoint import load_parts, save_bitune
+from bitune.core.compat import (
+    cache_argument,
+)
+from bitune.core.generation import generate
 from bitune.core.layer_sync import layer_synchronous_logits
+from bitune.core.loading import load_base_model
 from bitune.core.mixing import Mixer
 from bitune.core.modes import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig, PromptPass
+from bitune.core.passes import (
+    KV,
+    PromptState,
+    answer_pass_logits,
+    num_layers,
+    record_prompt_pass,
+)
 from bitune.errors import BituneError
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -49,30 +60,23 @@ class BituneOutput:
     num_tokens: torch.Tensor
 
 
-@dataclass
-class PromptState:
-    """A batch of prompts after prefill: the cache of `prompt[:-1]` and the prompts themselves."""
-
-    cache: KV
-    prompt_ids: torch.Tensor
-    prompt_mask: torch.Tensor
-
-    def repeat_interleave(self, repeats: int | torch.Tensor) -> PromptState:
-        """Each prompt `repeats` times in a row (or `repeats[i]` times), e.g. once per answer option to score."""
-
-        def rep(t: torch.Tensor) -> torch.Tensor:
-            return t.repeat_interleave(repeats, dim=0)
-
-        return PromptState(
-            [(rep(k), rep(v)) for k, v in self.cache], rep(self.prompt_ids), rep(self.prompt_mask)
-        )
-
-
 class BituneModel(nn.Module):
     """A decoder-only LM that reads its prompt twice (causally and bidirectionally) and answers causally.
 
     Build one with `BituneModel.from_base` (fresh adapters) or `BituneModel.from_pretrained` (a saved
-    checkpoint). It is an `nn.Module`: train it with any optimizer, the HF `Trainer` or `bitune.training`.
+    checkpoint; `is_trainable=True` to train on). It is an `nn.Module`: train it with any optimizer, the HF
+    `Trainer` or `bitune.training`.
+
+    Weights, by state-dict name (`model.state_dict()`, `model.named_parameters()`):
+
+    * θ_c and θ_b are two named adapters of one `peft.PeftModel` (`model.peft_model`), called
+      `bitune.CAUSAL_ADAPTER` ("causal") and `bitune.BIDIR_ADAPTER` ("bidir"): e.g.
+      `peft_model.base_model.model.model.layers.0.self_attn.q_proj.lora_A.causal.weight`. Read or set one
+      adapter alone with `peft.get_peft_model_state_dict(model.peft_model, adapter_name="bidir")` and
+      `peft.set_peft_model_state_dict(...)`; each is saved as a standard PEFT adapter folder.
+    * The 2·L raw mixing coefficients w are `mixer.keys` and `mixer.values` (float32, one per layer; α per
+      layer from `model.alphas()`); absent in modes without mixing.
+    * The base weights are frozen and stay those of the base model.
 
     Example:
         >>> from peft import LoraConfig
@@ -106,9 +110,6 @@ class BituneModel(nn.Module):
         # A merged export (`bitune.core.export`) holds θ_c in its base weights: the causal passes run no adapter;
         # `peft_model` holds only θ_b (relative to the merged weights), or is the bare model if there is no θ_b.
         self.merged = merged
-        # Training forward: one traversal of the decoder stack (`bitune.core.layer_sync`), or, when False, the
-        # three sequential passes of `encode_prompt` + `answer_logits` (the readable reference; same numbers).
-        self.layer_synchronous = True
         self._tuner_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
         if merged:
             # θ_b's LoRA layers are plugged in for the bidirectional pass only; every other pass (decoding
@@ -143,8 +144,7 @@ class BituneModel(nn.Module):
         """
         config = config or BituneConfig()
         if isinstance(base_model, (str, Path)):
-            from_pretrained_kwargs.setdefault("trust_remote_code", False)
-            base_model = AutoModelForCausalLM.from_pretrained(base_model, **from_pretrained_kwargs)
+            base_model = load_base_model(base_model, **from_pretrained_kwargs)
         if check_support:
             check_model_support(base_model)
         base_model.requires_grad_(False)
@@ -168,15 +168,19 @@ class BituneModel(nn.Module):
         is_trainable: bool = False,
         **from_pretrained_kwargs,
     ) -> BituneModel:
-        """Rebuild a saved Bitune model; see `bitune.core.checkpoint` for the format."""
-        from bitune.core.checkpoint import load_bitune
+        """Rebuild a saved Bitune model; see `bitune.core.checkpoint` for the format.
 
-        return load_bitune(checkpoint_dir, base_model, is_trainable=is_trainable, **from_pretrained_kwargs)
+        The base model is the one the checkpoint records (with the attention implementation it was trained
+        with) unless given. With `is_trainable=True` both adapters and the mixing coefficients train and the
+        model is in training mode; otherwise it is frozen, in eval mode.
+        """
+        parts = load_parts(checkpoint_dir, base_model, is_trainable=is_trainable, **from_pretrained_kwargs)
+        return cls(parts.peft_model, parts.bitune_config, parts.mixer, merged=parts.merged).train(
+            is_trainable
+        )
 
     def save_pretrained(self, output_dir: str | Path, tokenizer=None) -> Path:
         """Write the adapters, mixing coefficients, config (and tokenizer) atomically to `output_dir`."""
-        from bitune.core.checkpoint import save_bitune
-
         return save_bitune(self, output_dir, tokenizer=tokenizer)
 
     # ------------------------------------------------------------------ the method
@@ -224,15 +228,15 @@ class BituneModel(nn.Module):
         """Loss and logits of the answers given the prompts (layout: `bitune.core.batch`)."""
         check_batch(prompt_ids, prompt_mask, answer_ids, answer_mask)
         self._check_activation_checkpointing()
-        if self.bitune_config.mode == "baseline":
-            logits = self._baseline_logits(prompt_ids, prompt_mask, answer_ids, answer_mask)
-        elif self.layer_synchronous:
+        if self.bitune_config.spec.single_pass:
+            logits = self._single_pass_logits(prompt_ids, prompt_mask, answer_ids, answer_mask)
+        elif self.bitune_config.implementation == "layer_synchronous":
             logits = layer_synchronous_logits(self, prompt_ids, prompt_mask, answer_ids, answer_mask)
         else:  # the three-pass reference
             logits = self.answer_logits(self.encode_prompt(prompt_ids, prompt_mask), answer_ids, answer_mask)
         return answer_loss(logits, answer_ids, answer_mask, num_items_in_batch)
 
-    def _baseline_logits(self, prompt_ids, prompt_mask, answer_ids, answer_mask) -> torch.Tensor:
+    def _single_pass_logits(self, prompt_ids, prompt_mask, answer_ids, answer_mask) -> torch.Tensor:
         """Plain fine-tuning: one causal pass over the whole sequence, logits only where the loss needs them."""
         tokens = torch.cat([prompt_ids, answer_ids[:, :-1]], dim=1)
         mask = torch.cat([prompt_mask, answer_mask[:, :-1]], dim=1)
@@ -270,8 +274,6 @@ class BituneModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs
     ):
         """Like `transformers` `generate`; prefill reads the prompts twice. See `bitune.core.generation.generate`."""
-        from bitune.core.generation import generate
-
         return generate(self, input_ids, attention_mask, **generate_kwargs)
 
     # ------------------------------------------------------------------ adapters and checkpointing
@@ -376,53 +378,6 @@ def answer_loss(
     )
 
 
-def record_prompt_pass(
-    causal_lm: PreTrainedModel,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    bidirectional: bool,
-    stop_early: bool = True,
-) -> KV:
-    """Each layer's keys and values of one pass of the decoder over (left-padded) prompt tokens.
-
-    `is_causal=False` switches every layer of a transformers model to bidirectional attention (sliding-window
-    layers keep their window); padding stays masked. With `stop_early` the pass ends at the last layer's keys
-    and values, skipping that layer's attention and MLP, which nothing reads (not under activation
-    checkpointing: a replayed layer must run the way its first run did).
-    """
-    recorder = KVRecorder(num_layers(causal_lm), stop_after_last=stop_early)
-    direction = {"is_causal": False} if bidirectional else {}
-    with contextlib.suppress(PromptEncoded):
-        causal_lm.get_decoder()(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions(mask),
-            past_key_values=recorder,
-            use_cache=True,
-            **direction,
-        )
-    return recorder.recorded()
-
-
-def answer_pass_logits(
-    causal_lm: PreTrainedModel, state: PromptState, answer_ids: torch.Tensor, answer_mask: torch.Tensor
-) -> torch.Tensor:
-    """The answer pass: `[prompt[-1], answer[:-1]]` read causally after the cached `prompt[:-1]`."""
-    tokens = torch.cat([state.prompt_ids[:, -1:], answer_ids[:, :-1]], dim=1)
-    mask = torch.cat([state.prompt_mask, answer_mask[:, :-1]], dim=1)
-    return causal_lm(
-        input_ids=tokens,
-        attention_mask=mask,
-        position_ids=positions(mask)[:, -tokens.shape[1] :],
-        past_key_values=PrefixCache(state.cache),
-        use_cache=True,
-    ).logits
-
-
-def num_layers(model: PreTrainedModel) -> int:
-    return model.config.get_text_config(decoder=True).num_hidden_layers
-
-
 @torch.no_grad()
 def check_model_support(model: PreTrainedModel) -> None:
     """Raise a clear `BituneError` unless `model` is a decoder-only LM whose attention Bitune can switch.
@@ -447,7 +402,7 @@ def check_model_support(model: PreTrainedModel) -> None:
 
         def first_token_state(ids: torch.Tensor, **kwargs) -> torch.Tensor:
             recorder = KVRecorder(num_layers(model))
-            out = decoder(input_ids=ids, past_key_values=recorder, use_cache=True, **kwargs)
+            out = decoder(input_ids=ids, use_cache=True, **cache_argument(decoder, recorder), **kwargs)
             recorder.recorded()
             return out.last_hidden_state[0, 0]
 

@@ -9,6 +9,7 @@ from bitune.errors import BituneInputError
 
 Mode = Literal["bitune", "naive_bidir", "no_mixing", "only_causal", "shared_weights", "baseline"]
 MixingFunction = Literal["abs", "relu"]
+Implementation = Literal["layer_synchronous", "three_pass"]
 
 CAUSAL_ADAPTER = "causal"
 BIDIR_ADAPTER = "bidir"
@@ -26,13 +27,16 @@ class PromptPass:
 class ModeSpec:
     """What one ablation does (the table on the method page).
 
-    `first` is the pass whose K/V the cache falls back to without mixing; with `mixed`, the cache is
-    (1 - α)·causal + α·second, per layer, for keys and values separately.
+    `passes[0]` is the pass whose K/V the cache falls back to without mixing; with `mixed`, the cache is
+    (1 - α)·causal + α·second, per layer, for keys and values separately. With `single_pass` there is no
+    prompt cache in training: prompt and answer are one causal sequence (plain PEFT fine-tuning), which equals
+    reading the prompt with `passes[0]` and answering from its cache (how scoring and generation run it).
     """
 
     passes: tuple[PromptPass, ...]
     mixed: bool
     adapters: tuple[str, ...]
+    single_pass: bool = False
 
 
 MODES: dict[str, ModeSpec] = {
@@ -56,7 +60,9 @@ MODES: dict[str, ModeSpec] = {
         adapters=(CAUSAL_ADAPTER,),
     ),
     # Plain PEFT fine-tuning: the prompt is read causally by the one adapter that also writes the answer.
-    "baseline": ModeSpec((PromptPass(CAUSAL_ADAPTER, False),), mixed=False, adapters=(CAUSAL_ADAPTER,)),
+    "baseline": ModeSpec(
+        (PromptPass(CAUSAL_ADAPTER, False),), mixed=False, adapters=(CAUSAL_ADAPTER,), single_pass=True
+    ),
 }
 
 
@@ -69,6 +75,11 @@ class BituneConfig:
             `"no_mixing"`, `"only_causal"`, `"shared_weights"`, or `"baseline"` (plain PEFT fine-tuning).
         mixing: `"abs"` for α = |w| / (|w| + c) (the paper), `"relu"` for α = relu(w) / (relu(w) + c).
         c: the constant of the mixing formula; every w starts at c, so α starts at 0.5.
+        implementation: how the training forward runs the passes: `"layer_synchronous"` (one traversal of the
+            decoder stack, each layer running its prompt passes just before the answer; the default) or
+            `"three_pass"` (the prompt passes, then the answer pass, one after the other: the readable reference).
+            Both compute the same numbers; generation and scoring always prefill with the three-pass building
+            blocks.
 
     Example:
         >>> BituneConfig(mode="no_mixing").spec.mixed
@@ -78,6 +89,7 @@ class BituneConfig:
     mode: Mode = "bitune"
     mixing: MixingFunction = "abs"
     c: float = 0.01
+    implementation: Implementation = "layer_synchronous"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -86,6 +98,10 @@ class BituneConfig:
             raise BituneInputError(f"unknown mixing function {self.mixing!r}; choose 'abs' or 'relu'")
         if not self.c > 0:
             raise BituneInputError(f"mixing constant c must be positive, got {self.c}")
+        if self.implementation not in ("layer_synchronous", "three_pass"):
+            raise BituneInputError(
+                f"unknown implementation {self.implementation!r}; choose 'layer_synchronous' or 'three_pass'"
+            )
 
     @property
     def spec(self) -> ModeSpec:

@@ -62,20 +62,31 @@ def split_answers(
     return split
 
 
-# Batched calls let a fast tokenizer work in parallel; special tokens are placed by hand.
+# Batched calls let a fast tokenizer work in parallel.
 _NO_SPECIAL_TOKENS = dict(add_special_tokens=False, return_attention_mask=False, return_token_type_ids=False)
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str]) -> list[list[int]]:
-    """Token ids of rendered prompts exactly as training sees them: the text, with BOS in front once.
+    """Token ids of rendered prompts, as the tokenizer itself encodes them (the same for training, generation,
+    serving and evaluation).
 
-    Used for training data and for generation alike, so a tokenizer that does not add BOS by itself (or a
-    chat template that already writes it) gives the same prompt tokens in both.
+    The tokenizer adds its own special tokens: BOS for Llama/Gemma-style tokenizers, nothing for those that add
+    none (SmolLM2's `<|im_start|>` is a chat marker, not a prefix to every text). A text that already starts
+    with the BOS text (a chat template that writes it) gets no second one. This is what `transformers`'
+    `apply_chat_template` and lm-eval's `hf` model do.
 
     Example:
-        >>> encode_prompts(tokenizer, ["Question: Hi\n\nAnswer:"])  # doctest: +SKIP
-        [[1, 894, 29901, ...]]
+        >>> encode_prompts(tokenizer, ["Question: Hi\\n\\nAnswer:"])[0][:1] == [tokenizer.bos_token_id]
+        True
     """
-    bos = tokenizer.bos_token_id
-    encoded = tokenizer(list(texts), **_NO_SPECIAL_TOKENS)["input_ids"]
-    return [ids if bos is None or ids[:1] == [bos] else [bos, *ids] for ids in encoded]
+    bos = tokenizer.bos_token
+    encoded: list[list[int]] = [[] for _ in texts]
+    for add_special_tokens in (True, False):
+        indices = [
+            i for i, text in enumerate(texts) if (bool(bos) and text.startswith(bos)) != add_special_tokens
+        ]
+        if indices:
+            options = {**_NO_SPECIAL_TOKENS, "add_special_tokens": add_special_tokens}
+            for index, ids in zip(indices, tokenizer([texts[i] for i in indices], **options)["input_ids"]):
+                encoded[index] = ids
+    return encoded

@@ -28,8 +28,11 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from bitune.core.loading import tokenizer_source
 from bitune.core.model import BituneModel
-from bitune.evaluation.scoring import PlainModel, load_scoring_model, loglikelihoods, tokenizer_source
+from bitune.core.plain import PlainModel
+from bitune.core.pretrained import load_for_inference
+from bitune.evaluation.scoring import loglikelihoods
 
 MODEL_NAME = "bitune"
 
@@ -58,16 +61,22 @@ class BituneLM(HFLM):
         if isinstance(pretrained, str) and kwargs.get("tokenizer") is None:
             kwargs["tokenizer"] = str(tokenizer_source(bitune or peft, pretrained))
         super().__init__(pretrained, bitune=bitune, peft=peft, **kwargs)
-        if self.scoring_model is None:  # `pretrained` was a transformers model object: no `_create_model`
-            self.scoring_model = load_scoring_model(self._model, checkpoint=bitune, peft_adapter=peft)
-        # HFLM moved the base model to its device; the mixing coefficients follow.
-        self.scoring_model.to(self._model.device).eval()
+        # HFLM moved the base model to its device; the adapters and mixing coefficients follow.
+        if self.scoring_model is None:  # the checkpoint or adapter goes onto the base model HFLM holds
+            self.scoring_model, _ = load_for_inference(
+                checkpoint=bitune,
+                base_model=self._model,
+                peft_adapter=peft,
+                tokenizer=self.tokenizer,
+                device=self._model.device,
+            )
+        else:
+            self.scoring_model.to(self._model.device).eval()
 
     def _create_model(
         self, pretrained: str, *, bitune: str | None = None, peft: str | None = None, **kwargs
     ) -> None:
         super()._create_model(pretrained, **kwargs)  # the base model alone, into self._model
-        self.scoring_model = load_scoring_model(self._model, checkpoint=bitune, peft_adapter=peft)
 
     def _loglikelihood_tokens(
         self,

@@ -1,32 +1,27 @@
-"""Evaluate a model on benchmark tasks: the `evaluate` function and the `bitune eval` / `bitune lm-eval` commands.
-
-    bitune eval --checkpoint runs/bitune/final --tasks piqa arc_easy mmlu --data-dir ../shared/data
-    bitune eval --base-model meta-llama/Llama-3.2-1B --peft-adapter runs/lora/final --tasks gsm8k --limit 100
-    bitune eval --base-model meta-llama/Llama-3.2-1B --tasks my_quiz.yaml --style plain --log-samples
+"""Evaluate a model on benchmark tasks: `evaluate` (a loaded model) and `run_evaluation` (load, score, write).
 
 Scores (acc and acc_norm; strict and flexible match for generation tasks) come with standard errors, per task
-(MMLU: per subject, micro and macro average) and averaged over tasks; they are printed as a table and written
-as JSON (`--output`), with per-sample predictions beside it on request (`--log-samples`).
+(MMLU: per subject, micro and macro average) and averaged over tasks. `run_evaluation` writes them as JSON,
+with per-sample predictions beside it on request; `bitune eval` (`bitune.cli.eval`) is its command line.
 
-`bitune lm-eval ARGS` runs lm-evaluation-harness's command line with the `bitune` model registered (see
-`bitune.evaluation.harness`).
+Example:
+    >>> evaluation, written = run_evaluation(["piqa", "arc_easy"], checkpoint="runs/bitune/final",
+    ...     data_dir="../shared/data", output=Path("scores.json"))  # doctest: +SKIP
+    >>> print(evaluation.table())  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoTokenizer
-
-from bitune import __version__
-from bitune.core.checkpoint import read_config
+from bitune._version import __version__
+from bitune.core.plain import ScoringModel
+from bitune.core.pretrained import load_for_inference
 from bitune.errors import BituneInputError
 from bitune.evaluation.metrics import (
     Estimate,
@@ -37,18 +32,9 @@ from bitune.evaluation.metrics import (
     multiple_choice_scores,
     score_task,
 )
-from bitune.evaluation.scoring import (
-    ScoringModel,
-    context_window,
-    generate_until,
-    load_scoring_model,
-    score_multiple_choice,
-    tokenizer_source,
-)
-from bitune.evaluation.tasks import MULTIPLE_CHOICE, STYLES, TASK_NAMES, Task, load_task
+from bitune.evaluation.scoring import context_window, generate_until, score_multiple_choice
+from bitune.evaluation.tasks import MULTIPLE_CHOICE, Task, load_task
 from bitune.files import atomic_write_json, atomic_write_text
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -100,7 +86,8 @@ def evaluate(
 
     Example:
         >>> from bitune.evaluation.tasks import load_task
-        >>> model = load_scoring_model("path/to/base", checkpoint="runs/bitune/final")  # doctest: +SKIP
+        >>> from bitune.core.pretrained import load_for_inference
+        >>> model, tokenizer = load_for_inference(checkpoint="runs/bitune/final")  # doctest: +SKIP
         >>> tasks = [load_task("piqa", data_dir="../shared/data", limit=100)]  # doctest: +SKIP
         >>> print(evaluate(model, tokenizer, tasks).table())  # doctest: +SKIP
     """
@@ -151,186 +138,115 @@ def evaluate(
     return Evaluation(results, average_over_tasks(results), samples)
 
 
-# ---------------------------------------------------------------------------------------------- bitune eval
+def load_tasks(
+    names: Sequence[str],
+    *,
+    data_dir: str | Path | None = None,
+    files: Mapping[str, str | Path] | None = None,
+    style: str = "full",
+    limit: int | None = None,
+) -> list[Task]:
+    """The tasks called `names` (built-in names or task spec files); `files` maps a task to its data file.
 
-
-def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = __doc__.split("\n\n")[0] if __doc__ else None
-    model = parser.add_argument_group(
-        "model (a Bitune checkpoint, or a base model with an optional PEFT adapter)"
-    )
-    model.add_argument(
-        "--checkpoint", type=Path, help="a Bitune checkpoint folder (BituneModel.save_pretrained)"
-    )
-    model.add_argument(
-        "--base-model", help="base model path or hub id (with --checkpoint: overrides the one it names)"
-    )
-    model.add_argument(
-        "--peft-adapter", type=Path, help="a plain PEFT adapter folder, applied to --base-model"
-    )
-    model.add_argument(
-        "--tokenizer",
-        help="tokenizer path or hub id; unset: the checkpoint's or adapter's, else the base model's",
-    )
-    model.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    model.add_argument(
-        "--dtype", default="auto", choices=DTYPES, help="weights dtype ('auto': the model's own)"
-    )
-
-    data = parser.add_argument_group("tasks")
-    data.add_argument(
-        "--tasks",
-        nargs="+",
-        required=True,
-        help=f"built-in tasks ({', '.join(TASK_NAMES)}) or task spec files (.yaml/.json), space or comma separated",
-    )
-    data.add_argument(
-        "--data-dir", type=Path, help="read built-in tasks from DIR/<task>/<split>.jsonl instead of the hub"
-    )
-    data.add_argument(
-        "--task-file",
-        action="append",
-        default=[],
-        metavar="TASK=PATH",
-        help="read TASK from this data file (repeatable)",
-    )
-    data.add_argument(
-        "--style", default="full", choices=STYLES, help="prompt style: the paper's or lm-eval's"
-    )
-    data.add_argument("--limit", type=int, help="evaluate only the first N items of each task")
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--batch-size", type=int, default=8, help="questions per batch")
-    run.add_argument(
-        "--max-new-tokens", type=int, help="generation tasks: override the task's limit of 256 new tokens"
-    )
-    run.add_argument("--output", type=Path, default=Path("eval_results.json"), help="JSON file of the scores")
-    run.add_argument(
-        "--log-samples",
-        action="store_true",
-        help="also write every sample's prediction to OUTPUT.samples.jsonl",
-    )
-
-
-def run_eval(args: argparse.Namespace) -> int:
-    tasks = _load_tasks(args)  # first: a typo in a task name should not wait for a model to load
-    if args.checkpoint is None and args.base_model is None:
-        raise BituneInputError("name the model to evaluate: --checkpoint DIR, or --base-model PATH")
-    if args.batch_size < 1:
-        raise BituneInputError(f"--batch-size must be at least 1, got {args.batch_size}")
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = load_scoring_model(
-        args.base_model, checkpoint=args.checkpoint, peft_adapter=args.peft_adapter, dtype=dtype
-    ).to(args.device)
-    tokenizer = _load_tokenizer(args)
-
-    evaluation = evaluate(
-        model,
-        tokenizer,
-        tasks,
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        log_samples=args.log_samples,
-    )
-    print(evaluation.table())
-    report = {
-        "model": {
-            "checkpoint": _text(args.checkpoint),
-            "base_model": args.base_model,
-            "peft_adapter": _text(args.peft_adapter),
-            "mode": getattr(getattr(model, "bitune_config", None), "mode", "plain"),
-            "dtype": args.dtype,
-        },
-        "tasks": {
-            task.name: {"source": task.source, "split": task.split, "items": len(task.items)}
-            for task in tasks
-        },
-        "settings": {"style": args.style, "limit": args.limit, "batch_size": args.batch_size},
-        "bitune_version": __version__,
-        **evaluation.to_dict(),
-    }
-    atomic_write_json(args.output, report)
-    print(f"wrote {args.output}")
-    if args.log_samples:
-        path = args.output.with_suffix(".samples.jsonl")
-        lines = [
-            json.dumps({"task": task, **sample}, ensure_ascii=False) + "\n"
-            for task, samples in evaluation.samples.items()
-            for sample in samples
-        ]
-        atomic_write_text(path, "".join(lines))
-        print(f"wrote {path}")
-    return 0
-
-
-def _load_tasks(args: argparse.Namespace) -> list[Task]:
-    names = [name for value in args.tasks for name in value.split(",") if name]
-    files = {}
-    for entry in args.task_file:
-        name, separator, path = entry.partition("=")
-        if not separator or not name or not path:
-            raise BituneInputError(f"--task-file {entry!r}: write TASK=PATH, e.g. piqa=data/piqa_dev.jsonl")
-        if name not in names:
-            raise BituneInputError(
-                f"--task-file {entry!r}: {name!r} is not one of the --tasks ({', '.join(names)})"
-            )
-        files[name] = Path(path)
+    Example:
+        >>> tasks = load_tasks(["piqa", "gsm8k"], data_dir="../shared/data", limit=100)  # doctest: +SKIP
+    """
+    files = dict(files or {})
     return [
         load_task(
             name,
-            data_dir=None if name in files else args.data_dir,
-            path=files.get(name),
-            style=args.style,
-            limit=args.limit,
+            data_dir=None if name in files else data_dir,
+            path=Path(files[name]) if name in files else None,
+            style=style,
+            limit=limit,
         )
         for name in names
     ]
 
 
-def _load_tokenizer(args: argparse.Namespace):
-    base = args.base_model
-    if base is None and args.checkpoint is not None:
-        base = read_config(args.checkpoint).get("base_model")
-    source = args.tokenizer or tokenizer_source(args.checkpoint, args.peft_adapter, base)
-    if source is None:
-        raise BituneInputError(
-            f"{args.checkpoint} holds no tokenizer and names no base model; pass --tokenizer"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except OSError as error:
-        raise BituneInputError(f"could not load a tokenizer from {source}: {error}") from error
-    if tokenizer.pad_token is None:  # padding is only masked, so any token will do (lm-eval's choice)
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return tokenizer
+def samples_path(output: str | Path) -> Path:
+    """Where `run_evaluation` writes the per-sample predictions beside the scores file `output`."""
+    return Path(output).with_suffix(".samples.jsonl")
 
 
-def _text(path: Path | None) -> str | None:
+def run_evaluation(
+    task_names: Sequence[str],
+    *,
+    checkpoint: str | Path | None = None,
+    base_model: str | None = None,
+    peft_adapter: str | Path | None = None,
+    tokenizer: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    data_dir: str | Path | None = None,
+    task_files: Mapping[str, str | Path] | None = None,
+    style: str = "full",
+    limit: int | None = None,
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    output: str | Path = "eval_results.json",
+    log_samples: bool = False,
+    progress: bool = True,
+) -> tuple[Evaluation, list[Path]]:
+    """Load the tasks and the model, score it, and write the scores (and, on request, every sample's prediction).
+
+    The model is a Bitune checkpoint, a base model with an optional plain PEFT adapter, or a bare base model
+    (`bitune.core.pretrained.load_for_inference`). Returns the evaluation and the files written: the scores as
+    JSON at `output` (with the model, tasks and settings), then `samples_path(output)` with `log_samples`.
+    """
+    if batch_size < 1:
+        raise BituneInputError(f"batch_size must be at least 1, got {batch_size}")
+    # First: a typo in a task name should not wait for a model to load.
+    tasks = load_tasks(task_names, data_dir=data_dir, files=task_files, style=style, limit=limit)
+    model, tokenizer = load_for_inference(
+        checkpoint=checkpoint,
+        base_model=base_model,
+        peft_adapter=peft_adapter,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+    )
+    evaluation = evaluate(
+        model,
+        tokenizer,
+        tasks,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        log_samples=log_samples,
+        progress=progress,
+    )
+    report = {
+        "model": {
+            "checkpoint": _text(checkpoint),
+            "base_model": base_model,
+            "peft_adapter": _text(peft_adapter),
+            "mode": getattr(getattr(model, "bitune_config", None), "mode", "plain"),
+            "dtype": dtype,
+        },
+        "tasks": {
+            task.name: {"source": task.source, "split": task.split, "items": len(task.items)}
+            for task in tasks
+        },
+        "settings": {"style": style, "limit": limit, "batch_size": batch_size},
+        "bitune_version": __version__,
+        **evaluation.to_dict(),
+    }
+    output = Path(output)
+    atomic_write_json(output, report)
+    written = [output]
+    if log_samples:
+        lines = [
+            json.dumps({"task": task, **sample}, ensure_ascii=False) + "\n"
+            for task, samples in evaluation.samples.items()
+            for sample in samples
+        ]
+        atomic_write_text(samples_path(output), "".join(lines))
+        written.append(samples_path(output))
+    return evaluation, written
+
+
+def _text(path: str | Path | None) -> str | None:
     return None if path is None else str(path)
 
 
-# ---------------------------------------------------------------------------------------------- bitune lm-eval
-
-
-def add_lm_eval_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Run lm-evaluation-harness's command line with the `bitune` model registered, e.g. "
-        "`bitune lm-eval run --model bitune --model_args pretrained=BASE,bitune=CHECKPOINT --tasks piqa`. "
-        "Every argument is lm-eval's; `bitune lm-eval run --help` lists them."
-    )
-    parser.add_argument("lm_eval_args", nargs=argparse.REMAINDER, metavar="ARGS", help="lm-eval's arguments")
-    # All arguments, options and -h included, belong to lm-eval: this parser must not claim any of them.
-    parser.prefix_chars = "\0"
-
-
-def run_lm_eval(args: argparse.Namespace) -> int:
-    try:
-        from bitune.evaluation import harness
-    except ImportError as error:
-        raise BituneInputError(
-            f"bitune lm-eval needs lm-evaluation-harness: pip install 'bitune[eval]' ({error})"
-        ) from error
-    return harness.main(args.lm_eval_args)
-
-
-__all__ = ["Evaluation", "add_eval_arguments", "add_lm_eval_arguments", "evaluate", "run_eval", "run_lm_eval"]
+__all__ = ["Evaluation", "evaluate", "load_tasks", "run_evaluation", "samples_path"]

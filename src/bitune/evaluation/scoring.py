@@ -7,13 +7,15 @@ answer-pass inputs are equal (e.g. single-token options " A", " B", ...) share o
 
 Anything with `encode_prompt`, `answer_logits` and `generate` can be scored (`ScoringModel`): a
 `bitune.BituneModel` (any mode; a plain PEFT adapter is a `BituneModel` in mode "baseline") or a bare
-Hugging Face causal LM wrapped in `PlainModel`. `load_scoring_model` builds the right one.
+Hugging Face causal LM wrapped in `bitune.core.plain.PlainModel`. `bitune.core.pretrained.load_for_inference`
+builds the right one.
 
 Tokenisation and truncation follow lm-evaluation-harness 0.4.13 (`TemplateLM._encode_pair`, `HFLM`), so these
 scores are the ones lm-eval computes for the same model.
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from bitune.core.plain import PlainModel
     >>> model = PlainModel(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
     ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)))
     >>> first, second = loglikelihoods(model, [([1, 5, 6], [7, 8]), ([1, 5, 6], [9])], progress=False)
@@ -24,19 +26,18 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
-from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from bitune.core.model import BituneModel, PromptState, answer_pass_logits, record_prompt_pass
-from bitune.core.modes import CAUSAL_ADAPTER, BituneConfig
+from bitune.core.batch import pad_left
+from bitune.core.generation import generate_new_text
+from bitune.core.loading import pad_token_id as tokenizer_pad_id
+from bitune.core.plain import ScoringModel
+from bitune.core.prompts import encode_prompts
 from bitune.errors import BituneInputError
 from bitune.evaluation.tasks import MultipleChoiceItem
 
@@ -44,132 +45,6 @@ from bitune.evaluation.tasks import MultipleChoiceItem
 DEFAULT_MAX_LENGTH = 2048
 # Tokenizers without a limit report this huge `model_max_length` (transformers' VERY_LARGE_INTEGER).
 _UNLIMITED = int(1e30)
-
-
-class ScoringModel(Protocol):
-    """What the scorer needs from a model (`BituneModel` and `PlainModel` have it)."""
-
-    @property
-    def config(self) -> PretrainedConfig: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def encode_prompt(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> PromptState: ...
-
-    def answer_logits(
-        self, state: PromptState, answer_ids: torch.Tensor, answer_mask: torch.Tensor
-    ) -> torch.Tensor: ...
-
-    def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs
-    ) -> torch.Tensor: ...
-
-
-class PlainModel(nn.Module):
-    """A Hugging Face causal LM with `BituneModel`'s scoring interface: the prompt is read once, causally.
-
-    Scores equal the model's own forward over context + continuation; this is how a base model is evaluated
-    on the same code path (and with the same per-context cache reuse) as a Bitune model.
-
-    Example:
-        >>> from transformers import LlamaConfig, LlamaForCausalLM
-        >>> model = PlainModel(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16,
-        ...     intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)))
-        >>> state = model.encode_prompt(torch.tensor([[1, 5, 6]]), torch.ones(1, 3, dtype=torch.long))
-        >>> model.answer_logits(state, torch.tensor([[7, 8]]), torch.ones(1, 2, dtype=torch.long)).shape
-        torch.Size([1, 2, 32])
-    """
-
-    def __init__(self, base_model: PreTrainedModel) -> None:
-        super().__init__()
-        self.base_model = base_model
-
-    @property
-    def config(self) -> PretrainedConfig:
-        return self.base_model.config
-
-    @property
-    def device(self) -> torch.device:
-        return self.base_model.device
-
-    def encode_prompt(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> PromptState:
-        """Prefill: the keys and values of `prompt[:-1]`, as `BituneModel.encode_prompt` returns them."""
-        ids, mask = prompt_ids[:, :-1], prompt_mask[:, :-1]
-        # Recorded K/V rather than a DynamicCache: sliding-window layers of the latter drop old tokens.
-        return PromptState(
-            record_prompt_pass(self.base_model, ids, mask, bidirectional=False), prompt_ids, prompt_mask
-        )
-
-    def answer_logits(
-        self, state: PromptState, answer_ids: torch.Tensor, answer_mask: torch.Tensor
-    ) -> torch.Tensor:
-        """Logits of the answers after the cached prompts; `logits[:, t]` predicts `answer_ids[:, t]`."""
-        return answer_pass_logits(self.base_model, state, answer_ids, answer_mask)
-
-    def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs
-    ):
-        """The model's own `generate` (returns prompt + new tokens)."""
-        return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
-
-
-def load_scoring_model(
-    base_model: PreTrainedModel | str | Path | None = None,
-    *,
-    checkpoint: str | Path | None = None,
-    peft_adapter: str | Path | None = None,
-    **from_pretrained_kwargs,
-) -> BituneModel | PlainModel:
-    """The model to evaluate, in eval mode: a Bitune checkpoint, a plain PEFT adapter, or a bare base model.
-
-    Args:
-        base_model: the base model (object, local path or hub id); for a checkpoint, defaults to the base
-            model its `bitune_config.json` names.
-        checkpoint: a folder written by `BituneModel.save_pretrained`.
-        peft_adapter: a plain PEFT adapter folder; it becomes a `BituneModel` in mode "baseline", which reads
-            the prompt causally with the adapter, exactly like the `PeftModel` would.
-        from_pretrained_kwargs: for `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`).
-
-    Example:
-        >>> model = load_scoring_model("path/to/base", checkpoint="runs/bitune/final")  # doctest: +SKIP
-    """
-    if checkpoint is not None and peft_adapter is not None:
-        raise BituneInputError("give a Bitune checkpoint or a PEFT adapter, not both")
-    if checkpoint is None and base_model is None:
-        raise BituneInputError("name the model to evaluate: a Bitune checkpoint or a base model")
-    if isinstance(base_model, (str, Path)):
-        try:
-            base_model = AutoModelForCausalLM.from_pretrained(base_model, **from_pretrained_kwargs)
-        except OSError as error:
-            raise BituneInputError(f"could not load the base model {base_model}: {error}") from error
-    if checkpoint is not None:
-        model = BituneModel.from_pretrained(checkpoint, base_model, **from_pretrained_kwargs)
-    elif peft_adapter is not None:
-        if not (Path(peft_adapter) / "adapter_config.json").is_file():
-            raise BituneInputError(
-                f"{peft_adapter}: not a PEFT adapter folder (adapter_config.json is missing)"
-            )
-        # Named like Bitune's causal adapter, which mode "baseline" routes every pass through.
-        peft_model = PeftModel.from_pretrained(base_model, peft_adapter, adapter_name=CAUSAL_ADAPTER)
-        model = BituneModel(peft_model, BituneConfig(mode="baseline"))
-    else:
-        model = PlainModel(base_model)
-    return model.eval()
-
-
-def tokenizer_source(*folders: str | Path | None) -> str | Path | None:
-    """The first of `folders` that holds a tokenizer (tokenizer_config.json), else the last one given.
-
-    Example:
-        >>> tokenizer_source("runs/ckpt-without-tokenizer", "models/base")
-        'models/base'
-    """
-    given = [folder for folder in folders if folder is not None]
-    for folder in given:
-        if (Path(folder) / "tokenizer_config.json").is_file():
-            return folder
-    return given[-1] if given else None
 
 
 def context_window(config, tokenizer=None, default: int = DEFAULT_MAX_LENGTH) -> int:
@@ -198,7 +73,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
     Trailing spaces of the context move to the continuation; the continuation's tokens are those of
     `context + continuation` after the context's own tokens (so a merge across the boundary is never split);
-    the tokenizer adds its special tokens (BOS) as usual. An empty context becomes the BOS (or EOS) token.
+    the tokenizer adds its special tokens (BOS) as usual (`bitune.core.prompts.encode_prompts`). An empty context becomes the BOS (or EOS) token.
 
     Example:
         >>> encode_pair(tokenizer, "Question: 2+2?\\nAnswer:", " 4")  # doctest: +SKIP
@@ -211,8 +86,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
-    whole = tokenizer.encode(context + continuation)
-    context_ids = tokenizer.encode(context)
+    context_ids, whole = encode_prompts(tokenizer, [context, context + continuation])
     return context_ids, whole[len(context_ids) :]
 
 
@@ -348,7 +222,7 @@ def score_multiple_choice(
         model,
         requests,
         batch_size=batch_size,
-        pad_token_id=_pad_token_id(tokenizer),
+        pad_token_id=tokenizer_pad_id(tokenizer),
         max_length=max_length,
         progress=progress,
     )
@@ -386,7 +260,8 @@ def generate_until(
     """
     eos = tokenizer.decode(tokenizer.eos_token_id, skip_special_tokens=False)
     stops = [*stop_sequences, *([eos] if eos and eos not in stop_sequences else [])]
-    order = sorted(range(len(prompts)), key=lambda i: (-len(tokenizer.encode(prompts[i])), prompts[i]))
+    encoded = encode_prompts(tokenizer, prompts)
+    order = sorted(range(len(prompts)), key=lambda i: (-len(encoded[i]), prompts[i]))
     keep = None if max_length is None else max_length - max_new_tokens
     if keep is not None and keep <= 0:
         raise BituneInputError(
@@ -395,22 +270,19 @@ def generate_until(
     outputs: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="Generating", disable=not progress):
         batch = order[start : start + batch_size]
-        encoded = tokenizer(
-            [prompts[i] for i in batch], padding="longest", padding_side="left", return_tensors="pt"
+        padded = pad_left(
+            [encoded[i][-keep:] if keep else encoded[i] for i in batch], tokenizer_pad_id(tokenizer)
         )
-        input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-        if keep is not None:
-            input_ids, attention_mask = input_ids[:, -keep:], attention_mask[:, -keep:]
-        generated = model.generate(
+        input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
+        texts = generate_new_text(
+            model,
+            tokenizer,
             input_ids.to(model.device),
             attention_mask.to(model.device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             stop_strings=list(stops),
-            tokenizer=tokenizer,
-            pad_token_id=_pad_token_id(tokenizer),
         )
-        texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
         for index, text in zip(batch, texts, strict=True):
             outputs[index] = cut_at_stop_sequences(text, stops)
     return outputs
@@ -429,23 +301,12 @@ def cut_at_stop_sequences(text: str, stop_sequences: Sequence[str]) -> str:
     return text
 
 
-def _pad_token_id(tokenizer) -> int:
-    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if token_id is not None:
-            return token_id
-    return 0
-
-
 __all__ = [
     "Loglikelihood",
-    "PlainModel",
-    "ScoringModel",
     "context_window",
     "cut_at_stop_sequences",
     "encode_pair",
     "generate_until",
-    "load_scoring_model",
     "loglikelihoods",
     "score_multiple_choice",
-    "tokenizer_source",
 ]

@@ -43,10 +43,12 @@ from typing import Any, Literal
 
 import yaml
 
-from bitune.data.samples import load_records
+from bitune.core.prompts import render_prompt
+from bitune.data.records import load_records
 from bitune.errors import BituneInputError
 from bitune.evaluation.metrics import FLEXIBLE_ANSWER_PATTERN, IGNORED_ANSWER_PATTERNS, STRICT_ANSWER_PATTERN
 from bitune.files import atomic_write_text
+from bitune.settings import read_yaml_mapping
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
@@ -347,7 +349,7 @@ def _generation_item(index: int, row: _Row, spec: _Spec, style: str) -> Generati
     if spec.template is not None:
         prompt = spec.template.format(question=question)
     elif style == "full":
-        prompt = f"Question: {question.strip()}\n\nAnswer:"
+        prompt = render_prompt(question.strip(), "plain")  # the training template
     else:
         prompt = f"Question: {question}\nAnswer:"  # lm-eval's gsm8k prompt
 
@@ -486,14 +488,7 @@ def _read_spec(path: Path) -> _Spec:
             raise fail(key, f"expected a field name or a list of field names, got {value!r}")
         return tuple(listed)
 
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
-        raise BituneInputError(f"{path}: no such task spec file.") from err
-    except yaml.YAMLError as err:
-        raise BituneInputError(f"{path}: not valid YAML or JSON: {err}") from err
-    if not isinstance(raw, dict):
-        raise BituneInputError(f"{path}: a task spec is a mapping of keys ({', '.join(_SPEC_KEYS)}).")
+    raw = read_yaml_mapping(path, "task spec file", f"keys ({', '.join(_SPEC_KEYS)})")
     for key in raw:
         if key not in _SPEC_KEYS:
             raise fail(key, f"unknown key; the keys are {', '.join(_SPEC_KEYS)}")

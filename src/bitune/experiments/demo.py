@@ -3,13 +3,12 @@
 A fresh clone has no weights and no data, so the demo makes its own: synthetic context-then-question data
 (`bitune.experiments.synthetic`), a small Llama pretrained from scratch on the stories, then Bitune instruction-tuning on
 the QA pairs. It reports exact-match accuracy on held-out questions against the untuned model, saves the
-checkpoint and prints a sample answer. It is a one-cell experiment of `bitune.experiments.grid`, so the same code
-runs the reproduction harness.
+checkpoint and prints a sample answer (`bitune demo`: `bitune.cli.demo`). It is a one-cell experiment
+(`bitune.experiments.cells`), so the same code runs the reproduction harness.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -64,8 +63,11 @@ def demo_experiment(output_dir: str, quick: bool = False) -> dict:
 
 def run_demo(output_dir: str | Path = DEFAULT_OUTPUT, quick: bool = False) -> dict:
     """Run the demo; returns {"untuned": exact match per task, "bitune": ..., "checkpoint": path}."""
-    from bitune.experiments.grid import DATA_DIR, load_experiment, run_experiment
-    from bitune.experiments.report import BASE_EVAL_FILE, EVAL_FILE
+    from bitune.experiments.cells import run_experiment
+    from bitune.experiments.layout import BASE_EVAL_FILE, DATA_DIR, EVAL_FILE, TEST_DATA_FILE
+    from bitune.experiments.scoring import EXACT_MATCH
+    from bitune.experiments.settings import load_experiment
+    from bitune.training.outputs import FINAL_DIR
 
     output_dir = Path(output_dir)
     config_file = output_dir / "demo.yaml"
@@ -77,43 +79,11 @@ def run_demo(output_dir: str | Path = DEFAULT_OUTPUT, quick: bool = False) -> di
     tuned = json.loads((experiment.cell_dir(cell) / EVAL_FILE).read_text())["tasks"]
 
     def exact(scores: dict) -> dict[str, float]:
-        return {task: entry["metrics"]["exact_match"]["value"] for task, entry in scores.items()}
+        return {task: entry["metrics"][EXACT_MATCH]["value"] for task, entry in scores.items()}
 
     return {
         "untuned": exact(untuned),
         "bitune": exact(tuned),
-        "checkpoint": str(experiment.cell_dir(cell) / "final"),
-        "test_file": str(output_dir / DATA_DIR / "test.jsonl"),
+        "checkpoint": str(experiment.cell_dir(cell) / FINAL_DIR),
+        "test_file": str(output_dir / DATA_DIR / TEST_DATA_FILE),
     }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Generate synthetic context-then-question data, pretrain a small Llama on its stories, Bitune-tune it on "
-        "the questions and compare exact-match accuracy on held-out questions with the untuned model."
-    )
-    parser.epilog = "example: bitune demo --output-dir runs/demo   (rerunning continues where it stopped)"
-    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="where data, models and results go")
-    parser.add_argument(
-        "--quick", action="store_true", help="a 4x smaller run (about a minute), for smoke tests"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    from bitune.cli.commands import load_for_inference
-    from bitune.core.generation import generate_text
-
-    result = run_demo(args.output_dir, args.quick)
-    print(f"\n{'task':<18}{'untuned':>10}{'bitune':>10}   (exact match on held-out questions)")
-    for task, value in result["bitune"].items():
-        print(f"{task:<18}{result['untuned'][task]:>10.3f}{value:>10.3f}")
-    print("chance: 0.125 (each answer is one of 8 names, places or objects)")
-    model, tokenizer = load_for_inference(result["checkpoint"], device="cpu")
-    rows = [json.loads(line) for line in Path(result["test_file"]).read_text().splitlines()]
-    prompt = f"Question: {rows[0]['prompt']}\n\nAnswer:"
-    answer = generate_text(model, tokenizer, [prompt], max_new_tokens=4, do_sample=False)[0]
-    print(
-        f"\ncheckpoint: {result['checkpoint']}\nsample: {prompt!r}\n  -> {answer.strip()!r} "
-        f"(expected {rows[0]['completion']!r})"
-    )
-    return 0

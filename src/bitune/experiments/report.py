@@ -17,20 +17,11 @@ evaluation items: every item's score is averaged over the seeds of each method, 
 sign-flip permutation test (`paired_permutation_test`) asks whether the per-item differences could be
 symmetric around zero. For the average over tasks the items are weighted so that every task counts the same.
 
-The experiment folder (written by `bitune.experiments.grid`, read here):
-
-    experiment.json                  the grid, the tasks and the settings of the run
-    base_eval.json                   the untuned base model's scores (optional)
-    cells/<method>-<peft>-seed<seed>/
-        metrics.jsonl                training log (loss, eval_loss, α per layer; see bitune.training)
-        final/                       the trained checkpoint
-        eval.json                    scores per task, per-item scores and the final α
-        done.json                    written last: the cell is complete
+The experiment folder it reads is described in `bitune.experiments.layout`.
 """
 
 from __future__ import annotations
 
-import argparse
 import io
 import json
 from collections.abc import Sequence
@@ -44,15 +35,17 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from bitune.errors import BituneInputError
+from bitune.experiments.layout import (
+    BASE_EVAL_FILE,
+    CELLS_DIR,
+    DONE_FILE,
+    EVAL_FILE,
+    EXPERIMENT_FILE,
+    METRICS_FILE,
+    REPORT_DIR,
+    cell_name,
+)
 from bitune.files import atomic_directory
-
-EXPERIMENT_FILE = "experiment.json"
-BASE_EVAL_FILE = "base_eval.json"
-CELLS_DIR = "cells"
-EVAL_FILE = "eval.json"
-DONE_FILE = "done.json"
-METRICS_FILE = "metrics.jsonl"  # bitune.training's log, one JSON object per line
-REPORT_DIR = "report"
 
 BASELINE = "baseline"
 FULL_METHOD = "bitune"
@@ -61,16 +54,6 @@ UNTUNED = "base model (untuned)"
 EXACT_TEST_LIMIT = 16
 RESAMPLES = 10_000
 SIGNIFICANCE = 0.05
-
-
-def cell_name(method: str, peft: str, seed: int) -> str:
-    """The folder name of one cell of the grid.
-
-    Example:
-        >>> cell_name("bitune", "lora", 42)
-        'bitune-lora-seed42'
-    """
-    return f"{method}-{peft}-seed{seed}"
 
 
 # ---------------------------------------------------------------------------------------------- statistics
@@ -612,32 +595,10 @@ def _summary(results: Results, peft: str, pairs: list[tuple[str, str]]) -> dict[
     return {"methods": methods, "comparisons": comparisons}
 
 
-# ---------------------------------------------------------------------------------------------- bitune report
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
-        "Write the report of an experiment: OUT_DIR/report/report.md with the results table (mean ± std over "
-        "seeds), the difference of every method to the baseline with a paired test over items, and PNG plots "
-        "of the scores, the loss curves and the learned mixing coefficients."
-    )
-    parser.epilog = "example: bitune report runs/experiments/cpu-synthetic"
-    parser.add_argument(
-        "output_dir", type=Path, metavar="OUT_DIR", help="the output_dir of `bitune experiment`"
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    path = write_report(args.output_dir)
-    print(f"wrote {path}")
-    return 0
-
-
 __all__ = [
     "CellResult",
     "Comparison",
     "Results",
-    "cell_name",
     "compare",
     "paired_permutation_test",
     "read_results",

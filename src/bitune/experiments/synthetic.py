@@ -112,7 +112,7 @@ class World:
 
 
 @dataclass(frozen=True)
-class Task:
+class QuestionType:
     """One kind of question: how to ask it, how to state its answer, and which (subject, answer) a world has."""
 
     question: str  # "{subject}" is filled in
@@ -120,33 +120,33 @@ class Task:
     facts: Callable[[World], list[tuple[str, str]]]
 
 
-TASKS: dict[str, Task] = {
+TASKS: dict[str, QuestionType] = {
     # the last place of a person who may have moved several times
-    "person_location": Task(
+    "person_location": QuestionType(
         question="where is {subject} ?",
         statement="{subject} is in the {answer} .",
         facts=lambda world: sorted(world.location.items()),
     ),
     # an object passed between people: who got it last
-    "object_holder": Task(
+    "object_holder": QuestionType(
         question="who has the {subject} ?",
         statement="the {subject} is with {answer} .",
         facts=lambda world: sorted(world.holder.items()),
     ),
     # two hops: who holds the object, then where that person is now
-    "object_location": Task(
+    "object_location": QuestionType(
         question="where is the {subject} ?",
         statement="the {subject} is in the {answer} .",
         facts=lambda world: sorted((obj, world.location[who]) for obj, who in world.holder.items()),
     ),
     # the reverse look-up: the one object a person ends up with
-    "carried_object": Task(
+    "carried_object": QuestionType(
         question="what is {subject} carrying ?",
         statement="{subject} is carrying the {answer} .",
         facts=lambda world: [(p, world.carried(p)[0]) for p in world.people if len(world.carried(p)) == 1],
     ),
     # every take and hand-over of the story matters: count what a person ends up with
-    "object_count": Task(
+    "object_count": QuestionType(
         question="how many objects does {subject} have ?",
         statement="{subject} has {answer} objects .",
         facts=lambda world: [(p, COUNT_WORDS[len(world.carried(p))]) for p in world.people],
@@ -219,9 +219,9 @@ def statements(world: World) -> list[Statement]:
         [('person_location', 'mary is in the garden .', 'garden'), ('object_count', 'mary has zero objects .', 'zero')]
     """
     return [
-        (task_type, task.statement.format(subject=subject, answer=answer), answer)
-        for task_type, task in TASKS.items()
-        for subject, answer in task.facts(world)
+        (task_type, kind.statement.format(subject=subject, answer=answer), answer)
+        for task_type, kind in TASKS.items()
+        for subject, answer in kind.facts(world)
     ]
 
 
@@ -233,7 +233,7 @@ def vocabulary() -> list[str]:
         ['<pad>', '<unk>', '<s>', '</s>']
     """
     templates = [f"{verb} to the ." for verb in MOVE_VERBS] + [f"{verb} the got from" for verb in TAKE_VERBS]
-    templates += [task.question + " " + task.statement for task in TASKS.values()]
+    templates += [kind.question + " " + kind.statement for kind in TASKS.values()]
     words = {word for text in templates for word in text.split() if not word.startswith("{")}
     words.update(NAMES + PLACES + OBJECTS + COUNT_WORDS + _TEMPLATE_WORDS)
     return list(SPECIAL_TOKENS) + sorted(words)
@@ -304,14 +304,14 @@ def make_qa_sample(
         >>> row["prompt"].endswith("?"), row["task"]
         (True, 'person_location')
     """
-    task = _task(task_type)
+    question_type = _question_type(task_type)
     while True:
         world = simulate_world(rng, settings)
-        facts = task.facts(world)
+        facts = question_type.facts(world)
         if facts:  # e.g. nobody may end up carrying exactly one object; then draw another story
             break
     subject, answer = rng.choice(facts)
-    prompt = " ".join([*world.sentences, QUESTION_MARKER, task.question.format(subject=subject)])
+    prompt = " ".join([*world.sentences, QUESTION_MARKER, question_type.question.format(subject=subject)])
     return {"prompt": prompt, "completion": answer, "task": task_type}
 
 
@@ -335,7 +335,7 @@ def make_qa_dataset(
     if not task_types:
         raise BituneInputError(f"task_types is empty; choose some of {', '.join(TASK_TYPES)}")
     for task_type in task_types:
-        _task(task_type)
+        _question_type(task_type)
     for name, count in (("n_train", n_train), ("n_test", n_test)):
         if count < 0:
             raise BituneInputError(f"{name} = {count}; give a number of rows >= 0")
@@ -433,7 +433,7 @@ def _first_word(text: str) -> str:
     return words[0].strip(string.punctuation) if words else ""
 
 
-def _task(task_type: str) -> Task:
+def _question_type(task_type: str) -> QuestionType:
     if task_type not in TASKS:
         raise BituneInputError(f"unknown task type {task_type!r}; choose from {', '.join(TASK_TYPES)}")
     return TASKS[task_type]

@@ -14,24 +14,22 @@ ill-typed values raise `BituneInputError` naming the key and where it came from.
 
 from __future__ import annotations
 
-import types
-import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from peft import IA3Config, LoraConfig, PeftConfig
 
+from bitune.core.loading import DEVICES, DTYPES
 from bitune.core.modes import BituneConfig
 from bitune.data.samples import DataConfig
 from bitune.errors import BituneInputError
+from bitune.settings import apply_overrides, build, expand_shorthands, parse_overrides, read_yaml_mapping
 
 PEFT_KINDS = ("lora", "dora", "ia3")
 PRECISIONS = ("bf16", "fp16", "fp32")
-DEVICES = ("auto", "cpu", "cuda", "mps")
-BASE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # The base weights are stored in the precision the run computes in, unless model.dtype says otherwise.
 PRECISION_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 # A section given a plain value sets its main field: `model: gpt2`, `--data train.jsonl`.
@@ -56,9 +54,9 @@ class ModelSettings:
     attn_implementation: str | None = None
 
     def __post_init__(self) -> None:
-        if self.dtype is not None and self.dtype not in BASE_DTYPES:
+        if self.dtype is not None and self.dtype not in tuple(DTYPES):
             raise BituneInputError(
-                f"model.dtype {self.dtype!r} is unknown; use one of {', '.join(BASE_DTYPES)}"
+                f"model.dtype {self.dtype!r} is unknown; use one of {', '.join(tuple(DTYPES))}"
             )
 
 
@@ -221,7 +219,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, mapping: Mapping[str, Any], source: str = "config") -> TrainConfig:
         """Build a config from plain data (as read from YAML); `source` names it in error messages."""
-        return _build(cls, _expand_shorthands(mapping), "", source)
+        return build(cls, expand_shorthands(mapping, SHORTHANDS), source)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -235,30 +233,12 @@ class TrainConfig:
         return self.model.dtype or PRECISION_DTYPES[self.training.precision]
 
 
-def read_yaml_mapping(path: Path, description: str, sections: str) -> dict[str, Any]:
-    """A YAML file whose top level maps section names to settings; an empty file is an empty mapping.
-
-    `description` names the file in the error when it is missing ("config file"), `sections` gives examples of
-    the sections expected at the top ("model:, data:, ...").
-
-    Example:
-        >>> read_yaml_mapping(Path("configs/paper_lora.yaml"), "config file", "model:, data:, ...")["bitune"]["c"]
-        0.01
-    """
-    if not path.is_file():
-        raise BituneInputError(f"{path}: no such {description}")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise BituneInputError(f"{path}: not valid YAML ({error})") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise BituneInputError(f"{path}: expected a mapping of sections ({sections}) at the top")
-    return loaded or {}
-
-
 def read_config_file(path: Path) -> dict[str, Any]:
-    """A training config file as a mapping, shorthands expanded (what `load_config` and `train.base` read)."""
-    return _expand_shorthands(read_yaml_mapping(path, "config file", "model:, data:, ..."))
+    """A training config file as a mapping, shorthands expanded (what `load_config` and an experiment's
+    `train: {base: ...}` read)."""
+    return expand_shorthands(
+        read_yaml_mapping(path, "config file", "sections (model:, data:, ...)"), SHORTHANDS
+    )
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -273,194 +253,21 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         path = Path(path)
         source = f"{path} (with command-line overrides)" if overrides else str(path)
         mapping = read_config_file(path)
-    for key, value in parse_overrides(overrides):
-        _check_key(TrainConfig, key.split("."), f"command line (--{key})")
-        _set_dotted(mapping, key.split("."), value)
+    mapping = apply_overrides(TrainConfig, mapping, overrides, SHORTHANDS)
     return TrainConfig.from_dict(mapping, source)
 
 
-def parse_overrides(arguments: Sequence[str]) -> list[tuple[str, str]]:
-    """Pair up `--key value` / `--key=value` arguments; a `--flag` followed by another flag means true.
-
-    Example:
-        >>> parse_overrides(["--training.max_steps", "10", "--training.activation_checkpointing"])
-        [('training.max_steps', '10'), ('training.activation_checkpointing', 'true')]
-    """
-    pairs, index = [], 0
-    while index < len(arguments):
-        argument = arguments[index]
-        if not argument.startswith("--") or len(argument) == 2:
-            raise BituneInputError(
-                f"command line: expected --key value (e.g. --training.learning_rate 1e-4), got {argument!r}"
-            )
-        key, equals, value = argument[2:].partition("=")
-        if not equals:
-            following = arguments[index + 1] if index + 1 < len(arguments) else None
-            if following is None or following.startswith("--"):
-                value = "true"
-            else:
-                value, index = following, index + 1
-        pairs.append((key, value))
-        index += 1
-    return pairs
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Typed construction from plain data
-
-
-def _build(cls: type, mapping: Any, prefix: str, source: str) -> Any:
-    if not isinstance(mapping, Mapping):
-        raise BituneInputError(
-            f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys to values"
-        )
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in fields(cls)]
-    for key in mapping:
-        if key not in known:
-            raise BituneInputError(
-                f"{source}: unknown key '{prefix}{key}'; known keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
-                f"{', '.join(known)}"
-            )
-    values = {}
-    for name in known:
-        if name in mapping:
-            hint = _dataclass_in(hints[name])
-            if hint is not None and mapping[name] is not None:
-                values[name] = _build(hint, mapping[name], f"{prefix}{name}.", source)
-            else:
-                values[name] = _convert(mapping[name], hints[name], f"{prefix}{name}", source)
-    try:
-        return cls(**values)
-    except TypeError as error:  # a required field is missing
-        missing = [f.name for f in fields(cls) if f.name not in values]
-        raise BituneInputError(
-            f"{source}: {prefix}{missing[0] if missing else ''} is required ({error})"
-        ) from None
-    except BituneInputError as error:
-        raise BituneInputError(f"{source}: {error}") from None
-
-
-def _convert(value: Any, hint: Any, key: str, source: str) -> Any:
-    """Check `value` against a type hint; command-line strings are parsed as YAML where a non-string is due."""
-    origin, arguments = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin is typing.Literal:
-        if value in arguments:
-            return value
-        raise BituneInputError(
-            f"{source}: {key} must be one of {', '.join(map(str, arguments))}, got {value!r}"
-        )
-    if origin in (typing.Union, types.UnionType):
-        if type(None) in arguments and (value is None or _is_null(value)):
-            return None
-        options = [a for a in arguments if a is not type(None)]
-        if isinstance(value, str) and isinstance(_parse_yaml(value), list):  # "[a, b]" on the command line
-            options.sort(key=lambda option: typing.get_origin(option) is not list)
-        for option in options:
-            try:
-                return _convert(value, option, key, source)
-            except BituneInputError:
-                continue
-        raise _type_error(value, hint, key, source)
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(value, hint, key, source)
-    if isinstance(value, str):
-        value = _parse_yaml(value)
-    if hint is bool and isinstance(value, bool):
-        return value
-    if hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if hint is float:
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as text
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    if origin is list:
-        items = value if isinstance(value, list) else [value]
-        return [_convert(item, arguments[0], key, source) for item in items]
-    if origin is dict and isinstance(value, Mapping):
-        return {str(k): _convert(v, arguments[1], f"{key}.{k}", source) for k, v in value.items()}
-    raise _type_error(value, hint, key, source)
-
-
-def _type_error(value: Any, hint: Any, key: str, source: str) -> BituneInputError:
-    return BituneInputError(f"{source}: {key} must be {_describe(hint)}, got {value!r}")
-
-
-def _describe(hint: Any) -> str:
-    """A type hint in words, for error messages."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return " or ".join(_describe(option) for option in typing.get_args(hint))
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "text", type(None): "null"}
-    if hint in names:
-        return names[hint]
-    return {list: "a list", dict: "a mapping"}.get(typing.get_origin(hint), str(hint))
-
-
-def _dataclass_in(hint: Any) -> type | None:
-    """The dataclass a field holds (also through `X | None`), or None."""
-    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    return next((o for o in options if is_dataclass(o)), None)
-
-
-def _is_null(value: Any) -> bool:
-    return isinstance(value, str) and value.strip().lower() in ("null", "none", "~")
-
-
-def _parse_yaml(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def _expand_shorthands(mapping: Mapping[str, Any]) -> dict[str, Any]:
-    expanded = dict(mapping)
-    for section, main_field in SHORTHANDS.items():
-        if isinstance(expanded.get(section), str):
-            expanded[section] = {main_field: expanded[section]}
-    return expanded
-
-
-def _check_key(cls: type, parts: list[str], source: str) -> None:
-    """Raise unless `parts` names a field of `cls` (a section alone stands for its shorthand field)."""
-    if len(parts) == 1 and parts[0] in SHORTHANDS:
-        return
-    hints = typing.get_type_hints(cls)
-    name = parts[0]
-    if name not in hints:
-        raise BituneInputError(f"{source}: unknown key '{name}'; known keys: {', '.join(hints)}")
-    nested = _dataclass_in(hints[name])
-    if len(parts) > 1:
-        if nested is not None:
-            _check_key(nested, parts[1:], source)
-        elif typing.get_origin(_strip_none(hints[name])) is not dict:
-            raise BituneInputError(f"{source}: '{name}' has no sub-keys")
-
-
-def _strip_none(hint: Any) -> Any:
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        return options[0] if len(options) == 1 else hint
-    return hint
-
-
-def _set_dotted(mapping: dict[str, Any], parts: list[str], value: str) -> None:
-    if len(parts) == 1 and parts[0] in SHORTHANDS:
-        parts = [parts[0], SHORTHANDS[parts[0]]]
-    for part in parts[:-1]:
-        child = mapping.get(part)
-        if isinstance(child, str) and part in SHORTHANDS:
-            child = {SHORTHANDS[part]: child}
-        if not isinstance(child, dict):
-            child = {}
-        mapping[part] = child
-        mapping = child
-    mapping[parts[-1]] = value
+__all__ = [
+    "ModelSettings",
+    "PEFT_KINDS",
+    "PRECISIONS",
+    "PRECISION_DTYPES",
+    "PeftSettings",
+    "SHORTHANDS",
+    "TrainConfig",
+    "TrainingSettings",
+    "ValidationSettings",
+    "load_config",
+    "parse_overrides",
+    "read_config_file",
+]

@@ -31,24 +31,22 @@ from typing import Any
 import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.integrations import is_tensorboard_available
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from bitune.core.batch import collate
 from bitune.core.checkpoint import MIXER_FILE, describe, read_config
+from bitune.core.loading import load_tokenizer, pad_token_id, resolve_device
 from bitune.core.model import BituneModel
 from bitune.data.samples import Sample, load_dataset_samples, split_off
 from bitune.errors import BituneInputError
 from bitune.files import atomic_directory, atomic_write_text
 from bitune.training.config import TrainConfig
+from bitune.training.outputs import FINAL_DIR, METRICS_FILE, TRAIN_CONFIG_FILE, TRAINER_STATE_FILE
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "train_config.yaml"
-FINAL_DIR = "final"
-TRAINER_STATE_FILE = "trainer_state.json"
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _ALPHA_KEY = re.compile(r"^alpha/(keys|values)/(\d+)$")
 
@@ -100,7 +98,7 @@ class BituneTrainer(Trainer):
 
     def __init__(self, model: BituneModel, args: TrainingArguments, **kwargs) -> None:
         if kwargs.get("data_collator") is None:
-            kwargs["data_collator"] = BituneCollator(_pad_token_id(kwargs.get("processing_class")))
+            kwargs["data_collator"] = BituneCollator(pad_token_id(kwargs.get("processing_class")))
         self._checkpoint_staging: Path | None = None
         super().__init__(model=model, args=args, **kwargs)
         self._check_parallelism()
@@ -221,13 +219,6 @@ class BituneTrainer(Trainer):
             )
 
 
-def _pad_token_id(tokenizer) -> int:
-    if tokenizer is None:
-        return 0
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return pad if pad is not None else 0
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Checkpoints
 
@@ -345,7 +336,8 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
         config.model.name_or_path,
         config.peft.to_peft_config(),
         config.bitune,
-        **_loading_kwargs(config),
+        dtype=config.base_dtype,
+        attn_implementation=config.model.attn_implementation,
     )
     trainer = BituneTrainer(
         model=model,
@@ -356,7 +348,7 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
         callbacks=[MetricsFileCallback(), *callbacks],
     )
     if trainer.is_world_process_zero():
-        atomic_write_text(output_dir / CONFIG_FILE, config.to_yaml())
+        atomic_write_text(output_dir / TRAIN_CONFIG_FILE, config.to_yaml())
     trainer.train(resume_from_checkpoint=resume_from)
     if eval_samples and not _evaluated_at(trainer.state, trainer.state.global_step):
         trainer.evaluate()
@@ -367,17 +359,6 @@ def train(config: TrainConfig, callbacks: Sequence[TrainerCallback] = ()) -> Pat
 
 def _evaluated_at(state, step: int) -> bool:
     return any("eval_loss" in entry and entry.get("step") == step for entry in state.log_history)
-
-
-def load_tokenizer(name_or_path: str):
-    """The tokenizer of a model, with a padding token (its EOS when it has none) for batched generation."""
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as error:
-        raise BituneInputError(f"cannot load a tokenizer from {name_or_path!r}: {error}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def training_arguments(config: TrainConfig, has_validation: bool = False) -> TrainingArguments:
@@ -391,7 +372,7 @@ def training_arguments(config: TrainConfig, has_validation: bool = False) -> Tra
         raise BituneInputError(
             "training.trainer_args.load_best_model_at_end is not supported; load a checkpoint-N"
         )
-    _check_device(config.device)
+    resolve_device(config.device)  # an unavailable device fails here, before the Trainer starts
     report_to = settings.report_to
     if report_to is None:
         report_to = ["tensorboard"] if is_tensorboard_available() else []
@@ -429,21 +410,6 @@ def training_arguments(config: TrainConfig, has_validation: bool = False) -> Tra
         return TrainingArguments(**{**arguments, **settings.trainer_args})
     except (TypeError, ValueError, ImportError) as error:
         raise BituneInputError(f"training settings rejected by transformers: {error}") from None
-
-
-def _check_device(device: str) -> None:
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if not available.get(device, True):
-        raise BituneInputError(f"device {device!r} is not available on this machine; use device: auto or cpu")
-
-
-def _loading_kwargs(config: TrainConfig) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "dtype": config.base_dtype if config.base_dtype == "auto" else getattr(torch, config.base_dtype)
-    }
-    if config.model.attn_implementation:
-        kwargs["attn_implementation"] = config.model.attn_implementation
-    return kwargs
 
 
 def _load_samples(config: TrainConfig, tokenizer) -> tuple[list[Sample], list[Sample]]:

@@ -9,7 +9,7 @@ import pytest
 from bitune import BituneModel
 from bitune.cli import main
 from bitune.experiments.demo import run_demo
-from bitune.experiments.report import EVAL_FILE
+from bitune.experiments.layout import EVAL_FILE
 
 
 @pytest.fixture(scope="module")

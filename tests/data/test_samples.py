@@ -13,20 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from bitune.data.samples import (
-    FORMATS,
-    DataConfig,
-    DataStats,
-    Record,
-    Sample,
-    build_samples,
-    load_dataset_samples,
-    load_records,
-    split_off,
-)
+from bitune.data.formats import FORMATS
+from bitune.data.records import Record, load_records
+from bitune.data.samples import DataConfig, DataStats, Sample, build_samples, load_dataset_samples, split_off
 from bitune.errors import BituneInputError
 from bitune.evaluation.scoring import encode_pair
 
@@ -44,9 +36,13 @@ CORPUS = [
 
 
 def make_tokenizer(
-    bos: bool = True, corpus: list[str] = CORPUS, vocab_size: int = 400
+    bos: bool = True, corpus: list[str] = CORPUS, vocab_size: int = 400, adds_bos: bool | None = None
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (any text round-trips through decode), by default trained on a few sentences."""
+    """A byte-level BPE tokenizer (any text round-trips through decode), by default trained on a few sentences.
+
+    With `bos` it has a BOS token "<s>", which it puts in front of every text unless `adds_bos=False` (like
+    SmolLM2, whose BOS is a chat marker its tokenizer does not add).
+    """
     model = Tokenizer(models.BPE())
     model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     model.decoder = decoders.ByteLevel()
@@ -57,6 +53,10 @@ def make_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     model.train_from_iterator(corpus, trainer)
+    if bos and adds_bos is not False:
+        model.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", model.token_to_id("<s>"))]
+        )
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=model, bos_token="<s>" if bos else None, eos_token="</s>", pad_token="<pad>"
     )
@@ -203,10 +203,14 @@ def test_custom_template_string(template: str, expected: tuple[str, str]) -> Non
     assert texts(sample) == expected
 
 
-def test_tokenizer_without_bos_gets_no_bos() -> None:
-    tokenizer = make_tokenizer(bos=False)
+@pytest.mark.parametrize("tokenizer_kind", ["no BOS at all", "a BOS it does not add"])
+def test_tokenizer_that_adds_no_bos_gets_none(tokenizer_kind: str) -> None:
+    tokenizer = (
+        make_tokenizer(bos=False) if tokenizer_kind == "no BOS at all" else make_tokenizer(adds_bos=False)
+    )
     (sample,) = build([{"prompt": QUESTION, "completion": ANSWER}], tokenizer)
     assert texts(sample, tokenizer) == (PLAIN[0].removeprefix("<s>"), PLAIN[1])
+    assert sample.prompt_ids == tokenizer(PLAIN[0].removeprefix("<s>"))["input_ids"]
     # Bitune encodes all prompt tokens but the last twice, so a prompt needs 2 tokens: "5" alone is 1.
     with pytest.raises(BituneInputError, match="rows.jsonl, line 1: the prompt is 1 token long"):
         build([{"prompt": "5", "completion": ANSWER}], tokenizer, template="{prompt}")

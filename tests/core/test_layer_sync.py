@@ -25,7 +25,7 @@ def bitune(family: str, mode: str) -> BituneModel:
 
 
 def loss_and_gradients(model: BituneModel, layer_synchronous: bool) -> tuple[torch.Tensor, list]:
-    model.layer_synchronous = layer_synchronous
+    model.bitune_config.implementation = "layer_synchronous" if layer_synchronous else "three_pass"
     model.zero_grad()
     output = model(**collate(PROMPTS, ANSWERS))
     output.loss.backward()
@@ -78,7 +78,7 @@ def test_prompt_passes_skip_everything_after_the_last_keys_and_values():
     with torch.no_grad():
         for layer_synchronous in (False, True):
             calls["mlp"] = 0
-            model.layer_synchronous = layer_synchronous
+            model.bitune_config.implementation = "layer_synchronous" if layer_synchronous else "three_pass"
             model(**collate(PROMPTS, ANSWERS))
             assert calls["mlp"] == 1  # the answer pass only
 
@@ -86,7 +86,7 @@ def test_prompt_passes_skip_everything_after_the_last_keys_and_values():
 def run_fsdp(tmp_path, implementation: str) -> dict:
     output = tmp_path / f"{implementation}.json"
     tests = Path(__file__).parent
-    process = torchrun(str(tests / "fsdp_worker.py"), implementation, str(output), PYTHONPATH=str(tests))
+    process = torchrun(str(tests / "fsdp_worker.py"), implementation, str(output), PYTHONPATH=str(tests.parent))
     process.check_returncode()
     return json.loads(output.read_text())
 

@@ -9,14 +9,16 @@ import pytest
 
 from bitune.cli import main
 from bitune.errors import BituneInputError
-from bitune.experiments.report import (
+from bitune.experiments.layout import (
     CELLS_DIR,
     DONE_FILE,
     EVAL_FILE,
-    EXACT_TEST_LIMIT,
     EXPERIMENT_FILE,
     METRICS_FILE,
     cell_name,
+)
+from bitune.experiments.report import (
+    EXACT_TEST_LIMIT,
     compare,
     paired_permutation_test,
     read_results,

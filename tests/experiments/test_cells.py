@@ -10,17 +10,20 @@ import yaml
 
 from bitune.cli import main
 from bitune.errors import BituneInputError
-from bitune.experiments.grid import (
+from bitune.experiments.cells import run_experiment
+from bitune.experiments.layout import (
+    BASE_EVAL_FILE,
     BASE_MODEL_DIR,
     CELL_FILE,
     DATA_DIR,
-    UltraFeedbackSettings,
-    load_experiment,
-    prepare_stages,
-    run_experiment,
-    ultrafeedback_rows,
+    DONE_FILE,
+    EVAL_FILE,
+    EXPERIMENT_FILE,
+    METRICS_FILE,
 )
-from bitune.experiments.report import BASE_EVAL_FILE, DONE_FILE, EVAL_FILE, EXPERIMENT_FILE, METRICS_FILE
+from bitune.experiments.settings import UltraFeedbackSettings, load_experiment
+from bitune.experiments.stages import prepare_stages, ultrafeedback_rows
+from bitune.training.outputs import TRAIN_CONFIG_FILE
 
 QUIZ_ROWS = [
     {"question": "where is mary ?", "options": ["garden", "kitchen"], "label": 0},
@@ -110,7 +113,7 @@ def test_grid_runs_end_to_end(finished):
     for name, folder in cell_dirs(experiment).items():
         method, _, seed = name.split("-")
         assert (folder / DONE_FILE).is_file() and (folder / "final" / "bitune_config.json").is_file()
-        settings = yaml.safe_load((folder / "train_config.yaml").read_text())
+        settings = yaml.safe_load((folder / TRAIN_CONFIG_FILE).read_text())
         assert settings["bitune"]["mode"] == method and f"seed{settings['training']['seed']}" == seed
         evaluation = json.loads((folder / EVAL_FILE).read_text())
         for task, count in TASK_ITEMS.items():

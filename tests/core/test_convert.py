@@ -9,13 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bitune.core.convert import (
-    add_convert_arguments,
-    convert_llama2c,
-    read_llama2c_checkpoint,
-    read_llama2c_tokenizer,
-    run_convert,
-)
+from bitune.cli import convert as convert_command
+from bitune.core.convert import convert_llama2c, read_llama2c_checkpoint, read_llama2c_tokenizer
 from bitune.errors import BituneInputError
 
 KNOWN_STORY = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park."
@@ -188,11 +183,11 @@ def test_non_empty_output_folder_is_kept_unless_overwrite(tmp_path, real_files) 
 
 def test_cli_command_converts_into_a_loadable_folder(tmp_path, real_files, capsys) -> None:
     parser = argparse.ArgumentParser(prog="bitune convert-llama2c")
-    add_convert_arguments(parser)
+    convert_command.add_arguments(parser)
     assert "llama2.c" in parser.format_help()
     output_dir = tmp_path / "nested" / "stories260k"
 
-    exit_code = run_convert(parser.parse_args([*map(str, real_files), str(output_dir)]))
+    exit_code = convert_command.run(parser.parse_args([*map(str, real_files), str(output_dir)]))
 
     assert exit_code == 0
     assert str(output_dir) in capsys.readouterr().out

@@ -33,7 +33,7 @@ from bitune.training import (
     train,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CHARS = "abcdefghijklmnopqrstuvwxyz0123456789 :?.,\n+="
 
 

@@ -22,7 +22,7 @@ sharded, reference = (
 )
 reference.load_state_dict(sharded.state_dict())
 for model in (sharded, reference):
-    model.layer_synchronous = layer_synchronous
+    model.bitune_config.implementation = "layer_synchronous" if layer_synchronous else "three_pass"
     model.activation_checkpointing_enable()
 batch = collate([[1, 5, 6, 7, 8, 9, 10], [1, 11, 12]], [[20, 21, 2], [22, 2]])
 reference(**batch).loss.backward()

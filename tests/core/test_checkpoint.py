@@ -59,7 +59,12 @@ def test_layout_and_config(tmp_path):
     assert not any(n.endswith((".bin", ".pt", ".pkl")) for n in names)
     config = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())
     assert config["peft_type"] == "IA3" and config["adapters"] == ["causal", "bidir"]
-    assert config["bitune"] == {"mode": "bitune", "mixing": "relu", "c": 0.02}
+    assert config["bitune"] == {
+        "mode": "bitune",
+        "mixing": "relu",
+        "c": 0.02,
+        "implementation": "layer_synchronous",
+    }
     assert config["num_layers"] == 2 and config["bitune_version"]
 
 
@@ -106,3 +111,21 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "ckpt").rglob("*")) == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
     BituneModel.from_pretrained(tmp_path / "ckpt", base_model=tiny_model("llama"))
+
+
+def test_attention_implementation_is_saved_and_restored(tmp_path):
+    base = tiny_model("llama")
+    base.set_attn_implementation("eager")
+    base.save_pretrained(tmp_path / "base")
+    from transformers import AutoModelForCausalLM
+
+    model = BituneModel.from_base(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base", attn_implementation="eager"),
+        LoraConfig(r=2, target_modules="all-linear"),
+    )
+    model.save_pretrained(tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["attn_implementation"] == "eager"
+    assert BituneModel.from_pretrained(tmp_path / "ckpt").config._attn_implementation == "eager"
+    # An explicit choice still wins.
+    reloaded = BituneModel.from_pretrained(tmp_path / "ckpt", attn_implementation="sdpa")
+    assert reloaded.config._attn_implementation == "sdpa"

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import torchrun
-from test_training import assert_same_weights, base, run, settings, training_logs  # noqa: F401 (base: fixture)
+from training.test_training import assert_same_weights, base, run, settings, training_logs  # noqa: F401 (base: fixture)
 
 
 def train_with_torchrun(config: dict, folder: Path, processes: int = 2) -> subprocess.CompletedProcess:
