@@ -4,6 +4,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -56,6 +57,19 @@ def smollm2(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return convert_gguf(gguf, tmp_path_factory.mktemp("smollm2") / "model")
 
 
+@pytest.fixture
+def lm_eval_task_manager(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Callable[[Path], object]:
+    """Build lm-eval TaskManagers over a folder of task YAMLs, offline, with the datasets cache in tmp_path."""
+    datasets = pytest.importorskip("datasets")
+    tasks = pytest.importorskip("lm_eval.tasks")
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets_cache")
+    return lambda folder: tasks.TaskManager(include_path=str(folder), include_defaults=False)
+
+
 def torchrun(*arguments: str, processes: int = 2, **env: str) -> subprocess.CompletedProcess:
     """`torchrun --standalone` of `arguments` in CPU processes of one thread each, output captured.
 
@@ -76,3 +90,6 @@ def torchrun(*arguments: str, processes: int = 2, **env: str) -> subprocess.Comp
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1", **env},
     )
+
+
+collect_ignore = ["core/fsdp_worker.py"]  # a torchrun worker script, not a test module

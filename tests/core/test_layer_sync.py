@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import torchrun
 from peft import LoraConfig
 from tiny_models import FAMILIES, tiny_model
 
 from bitune import MODES, BituneConfig, BituneModel, collate
 from bitune.core.layer_sync import layer_synchronous_logits
+from conftest import torchrun
 
 PROMPTS = [[1, 5, 6, 7, 8, 9, 10], [1, 11, 12], [1, 13, 14, 15, 16]]
 ANSWERS = [[20, 21, 2], [22, 2], [23, 24, 25, 26, 2]]
@@ -86,7 +86,9 @@ def test_prompt_passes_skip_everything_after_the_last_keys_and_values():
 def run_fsdp(tmp_path, implementation: str) -> dict:
     output = tmp_path / f"{implementation}.json"
     tests = Path(__file__).parent
-    process = torchrun(str(tests / "fsdp_worker.py"), implementation, str(output), PYTHONPATH=str(tests.parent))
+    process = torchrun(
+        str(tests / "fsdp_worker.py"), implementation, str(output), PYTHONPATH=str(tests.parent)
+    )
     process.check_returncode()
     return json.loads(output.read_text())
 

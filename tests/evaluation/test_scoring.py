@@ -260,7 +260,7 @@ def test_bad_tasks_exit_2_with_a_message(arguments: list[str], message: str, tmp
     ("model_arguments", "message"),
     [
         ([], "name the model to evaluate"),
-        (["--base-model", "{tmp}/missing-model"], "cannot load the model"),
+        (["--base-model", "{tmp}/missing-model"], "no such file or folder"),
         (["--checkpoint", "{tmp}"], "is not a Bitune checkpoint"),
         (["--checkpoint", "{tmp}", "--peft-adapter", "{tmp}"], "not both"),
         (["--base-model", "{stories}", "--peft-adapter", "{tmp}"], "not a PEFT adapter folder"),

@@ -8,6 +8,7 @@ everywhere, `bitune eval` agrees with stock lm-eval, and a short training run on
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,15 @@ QUESTIONS = [
     "What is the capital of France?",
     "Name a primary colour.",
 ]
+
+
+@pytest.fixture(autouse=True)
+def every_core():
+    """A 135M model is no tiny test model: its matmuls are worth all cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -136,13 +146,15 @@ def test_bitune_eval_on_real_items_is_above_chance_and_equals_stock_lm_eval(
         ",".join(names),
         "--data-dir",
         str(shared_data),
+        "--style",
+        "plain",  # lm-eval's prompts: with the options listed in the prompt a 135M model is near chance
     ]
     assert (
         main([*arguments, "--limit", str(limit), "--output", str(output), "--log-samples", "--device", "cpu"])
         == 0
     )
     report, samples = json.loads(output.read_text()), our_samples(output)
-    tasks = [load_task(name, data_dir=shared_data, limit=limit) for name in names]
+    tasks = [load_task(name, data_dir=shared_data, limit=limit, style="plain") for name in names]
     exported = [export_lm_eval_task(task, tmp_path / "tasks") for task in tasks]
     stock = simple_evaluate(
         model=HFLM(pretrained=str(smollm2), device="cpu", batch_size=16),

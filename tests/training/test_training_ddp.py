@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from conftest import torchrun
 from training.test_training import assert_same_weights, base, run, settings, training_logs  # noqa: F401 (base: fixture)
 

@@ -120,6 +120,12 @@ def load_base_model(
         raise BituneInputError(f"cannot load the model {str(name_or_path)!r}: {error}") from None
     if gguf:
         model.config._name_or_path = str(Path(location) / gguf["gguf_file"])
+        quantizer = model.hf_quantizer
+        if quantizer is not None and getattr(quantizer, "kernel", None) is None:  # no packed-block kernel
+            # The weights are plain tensors now: the model saves, exports and trains like any other.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
     return model
 
 

@@ -1,0 +1,44 @@
+"""The names that the docstring examples of `src/bitune` use (pytest runs them with --doctest-modules).
+
+`tokenizer` and `base` are the real llama2.c stories260K model (a 0.26M-parameter Llama trained on
+TinyStories, from ../shared/data), `model` a fresh `BituneModel` on it, `checkpoint` that model saved.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def _doctest_objects(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from bitune import BituneModel
+    from bitune.core.convert import convert_llama2c
+    from bitune.core.loading import load_tokenizer
+
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"the examples read {SHARED_DATA}, which is absent")
+    folder = tmp_path_factory.mktemp("doctest")
+    models = SHARED_DATA / "models"
+    base = convert_llama2c(models / "stories260K.bin", models / "tok512.bin", folder / "stories260k")
+    torch.manual_seed(0)
+    model = BituneModel.from_base(
+        AutoModelForCausalLM.from_pretrained(base), LoraConfig(r=4, target_modules="all-linear")
+    ).eval()
+    tokenizer = load_tokenizer(base)
+    model.save_pretrained(folder / "checkpoint", tokenizer=tokenizer)
+    return {"base": base, "model": model, "tokenizer": tokenizer, "checkpoint": folder / "checkpoint"}
+
+
+@pytest.fixture(autouse=True)
+def _doctest_names(request: pytest.FixtureRequest) -> None:
+    if isinstance(request.node, pytest.DoctestItem):
+        namespace = request.getfixturevalue("doctest_namespace")
+        namespace.update(request.getfixturevalue("_doctest_objects"))
