@@ -1,11 +1,13 @@
 """The names that the docstring examples of `src/bitune` use (pytest runs them with --doctest-modules).
 
 `tokenizer` and `base` are the real llama2.c stories260K model (a 0.26M-parameter Llama trained on
-TinyStories, from ../shared/data), `model` a fresh `BituneModel` on it, `checkpoint` that model saved.
+TinyStories, from ../shared/data), `model` a fresh `BituneModel` on it, `checkpoint` that model saved,
+`tmp` a fresh empty temporary folder (a `Path`) for each example that writes files.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +40,19 @@ def _doctest_objects(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(autouse=True)
-def _doctest_names(request: pytest.FixtureRequest) -> None:
-    if isinstance(request.node, pytest.DoctestItem):
-        namespace = request.getfixturevalue("doctest_namespace")
-        namespace.update(request.getfixturevalue("_doctest_objects"))
+def _doctest_names(request: pytest.FixtureRequest) -> Iterator[None]:
+    if not isinstance(request.node, pytest.DoctestItem):
+        yield
+        return
+    import torch
+
+    namespace = request.getfixturevalue("doctest_namespace")
+    namespace.update(request.getfixturevalue("_doctest_objects"))
+    namespace["tmp"] = request.getfixturevalue("tmp_path")
+    # The examples' models are tiny: one thread is faster than several, and steady on a busy machine.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -65,6 +65,10 @@ MODEL_SIZES: dict[str, dict[str, Any]] = {
     ),
 }
 
+# Peak dense bf16 FLOP/s (no sparsity) by the vendors' datasheets, keyed by a substring of the device name, for
+# model FLOPs utilisation (MFU). Other devices: pass --peak-flops.
+PEAK_BF16_FLOPS: dict[str, float] = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
+
 # LoRA r=8 on every projection of every layer, as in the paper.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -81,7 +85,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, repeats: int | None
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--model-size", default="20m", choices=sorted(MODEL_SIZES))
     parser.add_argument(
-        "--attention", default="sdpa", choices=["sdpa", "eager"], help="attention implementation"
+        "--attention",
+        default="sdpa",
+        choices=["sdpa", "eager", "flash_attention_2"],
+        help="attention implementation (flash_attention_2 needs the flash_attn package and a GPU)",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     if repeats is not None:
@@ -268,6 +275,18 @@ def optimizer_step(model: torch.nn.Module, backward: Callable[[], None]) -> Call
     return step
 
 
+def peak_flops(device: str, given: float | None = None) -> tuple[float | None, str | None]:
+    """The device's peak dense bf16 FLOP/s and where it came from: `given` (--peak-flops), else PEAK_BF16_FLOPS."""
+    if given is not None:
+        return given, "--peak-flops"
+    if torch.device(device).type == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_BF16_FLOPS.items():
+            if key in name:
+                return value, f"datasheet peak of {key} (PEAK_BF16_FLOPS)"
+    return None, None
+
+
 def bound(prompt_length: int, answer_length: int) -> float:
     """The best Bitune/baseline training throughput: (P+T) tokens against (P−1)+(P−1)+(T+1)."""
     return (prompt_length + answer_length) / (2 * prompt_length + answer_length - 1)
@@ -322,7 +341,7 @@ def environment(args: argparse.Namespace, parameters: int) -> dict[str, Any]:
         "device": args.device,
         "dtype": args.dtype,
         "model_size": args.model_size,
-        "model_config": MODEL_SIZES[args.model_size],
+        "model_config": MODEL_SIZES.get(args.model_size),  # None for a real model (e.g. serving's smollm2)
         "parameters": parameters,
         "attention": args.attention,
         "threads": args.threads,

@@ -40,6 +40,7 @@ ARGUMENTS = {
     "memory": [*TINY, *TRAINING],
     "last_layer": [*TINY, *TRAINING, "--repeats", "1", "--warmup", "0"],
     "fused_streams": [*TINY, *TRAINING, "--repeats", "1", "--warmup", "0"],
+    "serving": [*TINY, "--clients", "1", "2", "--requests", "4", "--max-tokens", "3"],
 }
 
 ROW_KEYS = {
@@ -58,6 +59,10 @@ ROW_KEYS = {
     },
     "last_layer": {"P", "T", "seconds", "skipped_step_s", "computed_step_s", "computed_over_skipped"},
     "fused_streams": {"P", "seconds", "two_calls_s", "one_call_s", "one_over_two"},
+    "serving": {
+        "clients", "max_batch_size", "requests", "requests_per_s", "tokens_per_s", "mean_latency_s",
+        "mean_rows_per_step", "speedup", "same_texts_as_one_at_a_time",
+    },
     "memory": {
         "P", "T", "checkpointing", "stock_step_mib", "baseline_step_mib", "bitune_step_mib", "bitune_peak_mib",
         "step_ratio_baseline", "step_ratio_stock", "peak_ratio_baseline", "bound",
@@ -72,6 +77,7 @@ ROWS = {
     "memory": 2,
     "last_layer": 1,
     "fused_streams": 1,
+    "serving": 3,  # one row per number of clients, and the unbatched control
 }
 
 
@@ -135,3 +141,9 @@ def test_reference_style_refuses_to_time_different_math(monkeypatch: pytest.Monk
     finally:
         sys.modules.pop("common", None)
         sys.modules.pop("reference_style", None)
+
+
+def test_serving_answers_alike_at_every_level_and_batches_concurrent_clients(results: dict[str, dict]) -> None:
+    rows = results["serving"]["rows"]
+    assert all(row["same_texts_as_one_at_a_time"] for row in rows)
+    assert [row["max_batch_size"] for row in rows] == [16, 16, 1]

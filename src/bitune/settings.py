@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import json
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -31,7 +32,9 @@ BASE_KEY = "base"  # a file's `base:` names the file it extends
 # ---------------------------------------------------------------------------------------------- files
 
 
-def read_yaml_mapping(path: Path, description: str, keys: str) -> dict[str, Any]:
+def read_yaml_mapping(
+    path: Path, description: str, keys: str, *, yes_no_text: bool = False
+) -> dict[str, Any]:
     """A YAML (or JSON) file whose top level is a mapping; an empty file is an empty mapping.
 
     `description` names the kind of file in the error when it is missing ("config file"), `keys` describes the
@@ -42,15 +45,80 @@ def read_yaml_mapping(path: Path, description: str, keys: str) -> dict[str, Any]
         0.01
     """
     path = Path(path)
+    if path.is_dir():
+        raise BituneInputError(f"{path}: is a folder, not a {description}; give the file's path")
     if not path.is_file():
         raise BituneInputError(f"{path}: no such {description}")
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise BituneInputError(f"{path}: not valid YAML ({error})") from None
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise BituneInputError(
+            f"{path}: not UTF-8 text (byte {error.start} is {error.object[error.start]:#04x}); save it as UTF-8"
+        ) from None
+    except OSError as error:
+        raise BituneInputError(f"{path}: cannot read the {description} ({error.strerror or error})") from None
+    loaded = load_yaml(text, str(path), yes_no_text=yes_no_text)
     if loaded is not None and not isinstance(loaded, dict):
         raise BituneInputError(f"{path}: expected a mapping of {keys} at the top")
     return loaded or {}
+
+
+def load_yaml(text: str, source: str, *, yes_no_text: bool = False) -> Any:
+    """YAML (or JSON) text as plain data, refusing a key given twice in one mapping (YAML itself would keep the
+    last one silently); `source` names the text in errors.
+
+    Example:
+        >>> load_yaml("a: 1\\nb: [2, 3]\\n", "example")
+        {'a': 1, 'b': [2, 3]}
+        >>> load_yaml("a: 1\\na: 2\\n", "example")
+        Traceback (most recent call last):
+        bitune.errors.BituneInputError: example, line 2: key 'a' is given twice (first on line 1); keep one
+    """
+    try:
+        # A SafeLoader: plain data only, no Python objects. `yes_no_text`: yes, no, on, off stay text.
+        return yaml.load(text, Loader=_YesNoTextLoader if yes_no_text else _StrictLoader)
+    except _DuplicateKey as duplicate:
+        raise BituneInputError(f"{source}, {duplicate}") from None
+    except yaml.YAMLError as error:
+        raise BituneInputError(f"{source}: not valid YAML ({' '.join(str(error).split())})") from None
+    except (ValueError, OverflowError, RecursionError) as error:  # e.g. a date that does not exist
+        raise BituneInputError(f"{source}: not valid YAML ({error})") from None
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a mapping may not name a key twice (merge keys `<<:` may still be
+    overridden)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[str, int] = {}
+            for key_node, _ in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key, line = key_node.value, key_node.start_mark.line + 1
+                    if key in lines:
+                        raise _DuplicateKey(
+                            f"line {line}: key '{key}' is given twice (first on line {lines[key]}); keep one"
+                        )
+                    lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
+class _YesNoTextLoader(_StrictLoader):
+    """`_StrictLoader` with YAML 1.2's booleans: only true and false (any case); yes, no, on, off, y, n are text
+    (so that `[no, yes]` are two option texts, not two booleans)."""
+
+
+_YesNoTextLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in _StrictLoader.yaml_implicit_resolvers.items()
+}
+_YesNoTextLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 
 
 def read_with_bases(
@@ -95,8 +163,8 @@ def merged(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, A
 
 
 def expand_shorthands(mapping: Mapping[str, Any], shorthands: Mapping[str, str]) -> dict[str, Any]:
-    """A section given a plain value sets its main field: with {"model": "name_or_path"}, `model: gpt2` is
-    `model: {name_or_path: gpt2}`.
+    """A section given a plain value (text or a list) sets its main field: with {"model": "name_or_path"},
+    `model: gpt2` is `model: {name_or_path: gpt2}`.
 
     Example:
         >>> expand_shorthands({"model": "gpt2", "seed": 1}, {"model": "name_or_path"})
@@ -104,7 +172,7 @@ def expand_shorthands(mapping: Mapping[str, Any], shorthands: Mapping[str, str])
     """
     expanded = dict(mapping)
     for section, main_field in shorthands.items():
-        if isinstance(expanded.get(section), str):
+        if isinstance(expanded.get(section), (str, list)):  # `data: [a.jsonl, b.jsonl]` too
             expanded[section] = {main_field: expanded[section]}
     return expanded
 
@@ -205,7 +273,7 @@ def _set_dotted(mapping: dict[str, Any], parts: list[str], value: str, shorthand
         parts = [parts[0], shorthands[parts[0]]]
     for part in parts[:-1]:
         child = mapping.get(part)
-        if isinstance(child, str) and part in shorthands:
+        if isinstance(child, (str, list)) and part in shorthands:
             child = {shorthands[part]: child}
         if not isinstance(child, dict):
             child = {}
@@ -338,7 +406,7 @@ def _is_null(value: Any) -> bool:
 def _parse_yaml(text: str) -> Any:
     try:
         return yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, OverflowError, RecursionError):
         return text
 
 
@@ -348,6 +416,7 @@ __all__ = [
     "build",
     "changed_keys",
     "expand_shorthands",
+    "load_yaml",
     "merged",
     "parse_overrides",
     "plain",

@@ -129,3 +129,76 @@ def test_attention_implementation_is_saved_and_restored(tmp_path):
     # An explicit choice still wins.
     reloaded = BituneModel.from_pretrained(tmp_path / "ckpt", attn_implementation="sdpa")
     assert reloaded.config._attn_implementation == "sdpa"
+
+
+def test_a_relative_base_model_path_loads_from_any_working_directory(tmp_path, monkeypatch):
+    """Issue 14, 5: the checkpoint records where its base model is (absolute, and relative to itself)."""
+    project = tmp_path / "project"
+    tiny_model("llama", seed=1).save_pretrained(project / "models" / "base")
+    monkeypatch.chdir(project)
+    model = trained_on("models/base")
+    model.save_pretrained("runs/ckpt")
+    config = json.loads((project / "runs" / "ckpt" / CONFIG_FILE).read_text())
+    assert config["base_model"] == str(project / "models" / "base")
+    assert config["base_model_relative"] == "../../models/base"
+
+    elsewhere = tmp_path / "elsewhere"  # holds another model under the same relative name
+    tiny_model("llama", seed=2).save_pretrained(elsewhere / "models" / "base")
+    monkeypatch.chdir(elsewhere)
+    assert_same_logits(BituneModel.from_pretrained(project / "runs" / "ckpt"), model)
+
+    # The project moved as a whole: its recorded absolute path is gone, the relative one finds it.
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    assert_same_logits(BituneModel.from_pretrained(moved / "runs" / "ckpt"), model)
+
+    # The base model gone: a clear error at once, never a hub lookup.
+    (moved / "models" / "base").rename(moved / "models" / "other")
+    with pytest.raises(BituneInputError, match=r"the base model .*/project/models/base is gone"):
+        BituneModel.from_pretrained(moved / "runs" / "ckpt")
+
+
+def trained_on(base: str) -> BituneModel:
+    model = BituneModel.from_base(base, LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    return model.eval()
+
+
+def assert_same_logits(loaded: BituneModel, model: BituneModel) -> None:
+    batch = collate(PROMPTS, ANSWERS)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**batch).logits, model(**batch).logits, atol=0, rtol=0)
+
+
+def test_weight_files_carry_checksums_and_damage_is_named(tmp_path):
+    model = trained()
+    model.save_pretrained(tmp_path / "ckpt")
+    checksums = json.loads((tmp_path / "ckpt" / CONFIG_FILE).read_text())["sha256"]
+    assert sorted(checksums) == sorted(
+        [MIXER_FILE, "bidir/adapter_model.safetensors", "causal/adapter_model.safetensors"]
+    )
+    path = tmp_path / "ckpt" / "bidir" / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1  # one bit of one weight
+    path.write_bytes(bytes(data))
+    with pytest.raises(BituneInputError, match=r"bidir/adapter_model\.safetensors: the file is corrupt"):
+        BituneModel.from_pretrained(tmp_path / "ckpt", base_model=tiny_model("llama"))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"format_version": "1"}, "'format_version' must be a positive integer"),
+        ({"format_version": 2}, "format version 2 is newer"),
+        ({"num_layers": 0}, "'num_layers' must be a positive integer"),
+        ({"num_layers": 3}, "trained on a base model with 3 layers"),
+        ({"adapters": "causal"}, "'adapters' must be a list"),
+        ({"bitune": {"mode": "bitune", "speed": 2}}, "field 'bitune'"),
+        ({"sha256": [1]}, "'sha256' must be a mapping"),
+    ],
+)
+def test_a_damaged_config_is_named(tmp_path, fields, message):
+    trained().save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / CONFIG_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+    with pytest.raises(BituneInputError, match=message):
+        BituneModel.from_pretrained(tmp_path / "ckpt", base_model=tiny_model("llama"))

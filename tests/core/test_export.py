@@ -217,3 +217,52 @@ def test_converting_the_export_reaches_its_unplugged_adapter(tmp_path):
     exported = export_and_load(trained(), tmp_path).to(torch.float64)
     lora_layers = [m for m in exported.modules() if isinstance(m, BaseTunerLayer)]
     assert lora_layers and all(m.lora_A[BIDIR_ADAPTER].weight.dtype == torch.float64 for m in lora_layers)
+
+
+def test_export_refuses_a_non_empty_folder_unless_asked_to_overwrite(tmp_path, capsys):
+    """Issue 14, 1: nothing in the output folder is deleted unless the user says so."""
+    model = trained()
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "notes.txt").write_text("keep me")
+    (tmp_path / "served" / "sub").mkdir()
+    with pytest.raises(BituneInputError, match="the folder is not empty"):
+        export_merged(model, tmp_path / "served")
+    assert (tmp_path / "served" / "notes.txt").read_text() == "keep me" and (
+        tmp_path / "served" / "sub"
+    ).is_dir()
+    export_merged(model, tmp_path / "served", overwrite=True)
+    assert not (tmp_path / "served" / "notes.txt").exists()
+    assert BituneModel.from_pretrained(tmp_path / "served").merged
+    (tmp_path / "empty").mkdir()
+    export_merged(model, tmp_path / "empty")  # an empty folder is as good as a new one
+
+    assert export_with_cli(tmp_path / "cli", model) == 0
+    (tmp_path / "cli" / "export" / "extra.txt").write_text("x")
+    folders = ["--checkpoint", str(tmp_path / "cli" / "ckpt"), "--base-model", str(tmp_path / "cli" / "base")]
+    assert main(["export", *folders, str(tmp_path / "cli" / "export")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (tmp_path / "cli" / "export" / "extra.txt").exists()
+    assert main(["export", *folders, "--overwrite", str(tmp_path / "cli" / "export")]) == 0
+    assert not (tmp_path / "cli" / "export" / "extra.txt").exists()
+
+
+@pytest.mark.parametrize("where", ["the checkpoint", "inside it", "around it", "the base model"])
+def test_export_never_writes_over_what_it_reads(tmp_path, capsys, where):
+    model = trained()
+    assert export_with_cli(tmp_path, model) == 0
+    capsys.readouterr()
+    checkpoint, base = tmp_path / "ckpt", tmp_path / "base"
+    target = {"the checkpoint": checkpoint, "inside it": checkpoint / "causal", "around it": tmp_path}.get(
+        where, base
+    )
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code = main(
+        ["export", "--checkpoint", str(checkpoint), "--base-model", str(base), "--overwrite", str(target)]
+    )
+    assert code == 2
+    assert "which the export reads from and would destroy" in capsys.readouterr().err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    with pytest.raises(BituneInputError, match="would destroy"):
+        export_merged(
+            BituneModel.from_pretrained(checkpoint, str(base)), target, overwrite=True, source=checkpoint
+        )

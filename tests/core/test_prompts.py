@@ -7,9 +7,10 @@ import torch
 from data.test_samples import make_tokenizer
 
 from bitune.core.generation import generate_text
-from bitune.core.prompts import encode_prompts, render_prompt
+from bitune.core.prompts import CHAT_TEMPLATES, encode_prompts, render_chat, render_prompt
 from bitune.data.records import Record
 from bitune.data.samples import DataConfig, build_samples
+from bitune.errors import BituneInputError
 from bitune.evaluation.scoring import encode_pair
 
 TOKENIZERS = {
@@ -61,3 +62,36 @@ def test_a_chat_template_that_writes_bos_gets_no_second_one() -> None:
     assert ids == tokenizer.apply_chat_template(
         [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=True, return_dict=False
     )
+
+
+# What each model's own tokenizer renders for a system turn and a user turn (from the model cards' formats).
+NAMED = {
+    "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n",
+    "zephyr": "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n",
+    "llama2": "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST]",
+}
+
+
+@pytest.mark.parametrize("name", NAMED)
+def test_a_chat_template_by_name_renders_the_models_format(name: str) -> None:
+    tokenizer = TOKENIZERS["adds BOS"]
+    turns = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert render_chat(turns, tokenizer, name) == NAMED[name]
+    assert tokenizer.chat_template not in CHAT_TEMPLATES.values()  # the tokenizer itself is untouched
+    assert render_chat(turns, tokenizer, CHAT_TEMPLATES[name]) == NAMED[name]  # the same as Jinja text
+
+
+def test_gemma_s_template_and_unknown_names() -> None:
+    tokenizer = TOKENIZERS["adds BOS"]
+    assert (
+        render_prompt("Hi", "chat", tokenizer, "gemma")
+        == "<s><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n"
+    )
+    with pytest.raises(BituneInputError, match="System role not supported"):
+        render_chat(
+            [{"role": "system", "content": "x"}, {"role": "user", "content": "Hi"}], tokenizer, "gemma"
+        )
+    with pytest.raises(
+        BituneInputError, match="chat_template 'vicuna' is unknown; use one of chatml, zephyr"
+    ):
+        render_prompt("Hi", "chat", tokenizer, "vicuna")

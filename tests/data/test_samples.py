@@ -448,14 +448,55 @@ def test_missing_local_file_is_not_looked_up_on_the_hub(tmp_path: Path) -> None:
 def test_chat_template_needs_a_tokenizer_with_one() -> None:
     tokenizer = make_tokenizer()
     tokenizer.chat_template = None
-    with pytest.raises(BituneInputError, match="needs a tokenizer with a chat template"):
+    with pytest.raises(BituneInputError, match="the tokenizer has no chat template; set data.chat_template"):
         build([GOOD], tokenizer, template="chat")
+    (sample,) = build([GOOD], tokenizer, chat_template="zephyr")  # a named one needs none
+    assert texts(sample, tokenizer)[0].endswith("</s>\n<|assistant|>\n")
 
 
 def test_empty_rows_may_be_dropped_and_are_counted() -> None:
     records = [Record("rows.jsonl, line 1", {**GOOD, "output": ""}), Record("rows.jsonl, line 2", GOOD)]
     samples, stats = build_samples(records, TOKENIZER, DataConfig("rows.jsonl", empty="drop"))
     assert len(samples) == 1 and stats == DataStats(rows=2, samples=1, dropped_empty=1)
+
+
+def test_several_sources_mix_with_their_own_format_weight_and_limit(tmp_path: Path) -> None:
+    alpaca = write(tmp_path, "a.json", [{**GOOD, "instruction": f"Add {i} and 3."} for i in range(4)])
+    chats = write(tmp_path, "b.jsonl", [chat(("user", f"Hi {i}"), ("assistant", "Hello")) for i in range(6)])
+    config = DataConfig(
+        [str(alpaca), {"path": str(chats), "format": "messages", "weight": 1.5, "limit": 4}],
+        template="chat",
+        seed=3,
+    )
+    samples, stats = load_dataset_samples(config, TOKENIZER)
+    assert len(samples) == 4 + 6 and stats.samples == 10 and stats.rows == 10
+    assert [(part.path, part.rows, part.samples, part.weight) for part in stats.sources] == [
+        (str(alpaca), 4, 4, 1.0),
+        (str(chats), 6, 6, 1.5),
+    ]
+    prompts = [texts(sample)[0] for sample in samples]
+    assert all("Add" in prompt for prompt in prompts[:4]) and all("Hi" in prompt for prompt in prompts[4:])
+    assert len(set(prompts[4:])) == 4  # the limit (4 of 6), then half of them once more
+    assert load_dataset_samples(config, TOKENIZER)[0] == samples  # seeded
+    halved, _ = load_dataset_samples(DataConfig([{"path": str(alpaca), "weight": 0.5}], limit=1), TOKENIZER)
+    assert len(halved) == 1
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [
+        ([], "an empty list"),
+        ([3], "must be a path or a mapping"),
+        ([{"path": "a.jsonl", "weight": 0}], "path[0]: data source 'a.jsonl', field 'weight'"),
+        ([{"path": "a.jsonl", "format": "xml"}], "field 'format'"),
+        ([{"path": "a.jsonl", "wieght": 2}], "path[0]: unknown key 'wieght'"),
+        ([{"weight": 2}], "path[0]: path is required"),
+    ],
+)
+def test_bad_sources_name_the_item(path: list, expected: str) -> None:
+    with pytest.raises(BituneInputError, match="data config") as caught:
+        DataConfig(path)
+    assert expected in str(caught.value)
 
 
 def test_nothing_left_is_an_error() -> None:

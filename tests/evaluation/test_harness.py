@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig
+from task_shapes import SHAPES, write_shapes, write_stock_tasks
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bitune import BituneConfig, BituneModel
@@ -92,6 +93,33 @@ def test_a_plain_model_scores_as_stock_lm_eval_scores_it(
                 report["results"][task.name]["metrics"][metric]["value"]
                 == stock["results"][name][f"{metric},none"]
             )
+
+
+def test_each_new_task_spec_shape_scores_as_lm_eval_s_own_task(
+    stories260k: Path, tmp_path: Path, lm_eval_task_manager
+) -> None:
+    """`bitune eval` on the docs/tasks.md specs for fixed options (BoolQ), a blank (WinoGrande, partial scoring)
+    and endings (HellaSwag) gives the log-likelihoods and accuracies of stock lm-eval's boolq, winogrande and
+    hellaswag tasks on the same rows."""
+    specs = write_shapes(tmp_path / "data")
+    lm_eval_tasks = Path(lm_eval.__file__).parent / "tasks"
+    stock_names = write_stock_tasks(tmp_path / "stock", tmp_path / "data", lm_eval_tasks)
+    output = tmp_path / "ours.json"
+    arguments = ["eval", "--base-model", str(stories260k), "--tasks", ",".join(str(specs[n]) for n in SHAPES)]
+    assert main([*arguments, "--output", str(output), "--log-samples", "--device", "cpu"]) == 0
+    report, samples = json.loads(output.read_text()), our_samples(output)
+
+    stock = lm_eval.simple_evaluate(
+        model=HFLM(pretrained=str(stories260k), device="cpu", batch_size=8),
+        tasks=list(stock_names.values()),
+        task_manager=lm_eval_task_manager(tmp_path / "stock"),
+        log_samples=True,
+    )
+    for name in SHAPES:
+        assert_same_scores(samples[name], stock_loglikelihoods(stock["samples"][stock_names[name]]))
+        for metric, value in stock["results"][stock_names[name]].items():
+            if metric in ("acc,none", "acc_norm,none"):
+                assert report["results"][name]["metrics"][metric.split(",")[0]]["value"] == value
 
 
 def test_a_bitune_checkpoint_scores_alike_in_bitune_eval_and_lm_eval(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from task_shapes import SHAPES, docs_spec, write_shapes, write_stock_tasks
 
 from bitune.errors import BituneInputError
 from bitune.evaluation.tasks import (
@@ -373,7 +374,19 @@ def test_generation_spec(tmp_path: Path) -> None:
     ("spec", "key", "problem"),
     [
         ({"question": "q", "choices": "c", "answer": "a"}, "data", "required"),
-        ({"data": "d.jsonl", "question": "q", "answer": "a"}, "choices", "required for a multiple_choice"),
+        ({"data": "d.jsonl", "question": "q", "answer": "a"}, "choices", "needs choices"),
+        ({"data": "d.jsonl", "question": "q", "choices": "c", "fixed_choices": ["x", "y"], "answer": "a"}, "choices",
+         "one of the two"),
+        ({"data": "d.jsonl", "question": "q", "choices": [False, True], "answer": "a"}, "choices", "fixed_choices"),
+        ({"data": "d.jsonl", "question": "q", "fixed_choices": [False, True], "answer": "a"}, "fixed_choices",
+         "quote"),
+        ({"data": "d.jsonl", "question": "q", "fixed_choices": ["x"], "answer": "a"}, "fixed_choices", "at least 2"),
+        ({"data": "d.jsonl", "choices": "c", "answer": "a", "template": "{{q}"}, "template", "not a valid Jinja"),
+        ({"data": "d.jsonl", "choices": "c", "answer": "a", "template": "Q: {question}"}, "question", "unless"),
+        ({"data": "d.jsonl", "question": "q", "choices": "c", "answer": "a", "blank": "_", "template": "{question}"},
+         "template", "Jinja"),
+        ({"data": "d.jsonl", "question": "q", "answer": "a", "kind": "generation", "blank": "_"}, "blank",
+         "only for multiple_choice"),
         ({"data": "d.jsonl", "question": "q", "choices": "c", "answer": "a", "gold": 1}, "gold", "unknown key"),
         ({"data": "d.jsonl", "question": "q", "choices": "c", "answer": "a", "kind": "rank"}, "kind", "expected"),
         ({"data": "d.jsonl", "question": "q", "choices": "c", "answer": "a", "template": "{prompt}"}, "template",
@@ -396,6 +409,78 @@ def test_bad_spec_names_file_and_key(tmp_path: Path, spec: dict, key: str, probl
     assert problem in str(raised.value)
 
 
+def test_spec_yes_and_no_are_text_and_fixed_choices_need_no_quotes(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "qa.jsonl", [{"q": "Is ice cold?", "gold": "yes", "flag": True}])
+    path = tmp_path / "qa.yaml"
+    path.write_text(
+        "data: qa.jsonl\nquestion: q\nfixed_choices: [no, yes]\nanswer: gold\nlabels: [no, yes]\n"
+    )
+    assert load_task(path).items == [
+        MultipleChoiceItem("qa-0", "Question: Is ice cold?\n\nChoices:\nno\nyes\n\nAnswer:", ["no", "yes"], 1)
+    ]
+    # a JSON boolean answer matches boolean labels
+    path.write_text(
+        "data: qa.jsonl\nquestion: q\nfixed_choices: [wrong, right]\nanswer: flag\nlabels: [false, true]\n"
+    )
+    assert load_task(path).items[0].gold == 1
+    # quoted choices name fields: a missing one points to fixed_choices
+    path.write_text('data: qa.jsonl\nquestion: q\nchoices: ["no", "yes"]\nanswer: gold\n')
+    with pytest.raises(
+        BituneInputError, match=r"qa\.jsonl, line 1, field 'no': missing .*fixed_choices: \[no, yes\]"
+    ):
+        load_task(path)
+
+
+def test_blank_and_jinja_problems_name_the_row(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "w.jsonl", [{"s": "No blank here.", "a": "x", "b": "y", "i": 0}])
+    spec = write_spec(
+        tmp_path, {"data": "w.jsonl", "question": "s", "choices": ["a", "b"], "answer": "i", "blank": "_"}
+    )
+    with pytest.raises(BituneInputError, match=r"w\.jsonl, line 1, field 's': no blank '_'"):
+        load_task(spec)
+    spec = write_spec(
+        tmp_path,
+        {"data": "w.jsonl", "template": "{{ s }} {{ missing }}", "choices": ["a", "b"], "answer": "i"},
+    )
+    with pytest.raises(
+        BituneInputError, match=r"w\.jsonl, line 1, field 'template': the Jinja template fails .*missing"
+    ):
+        load_task(spec)
+
+
+# a row for each of docs/tasks.md's other examples, and the item it gives
+DOCS_EXAMPLES = {
+    "arc_like": ({"question": "Which is a gas?", "choices": {"text": ["ice", "steam"], "label": ["A", "B"]},
+                  "answerKey": "B"}, "Question: Which is a gas?\n\nChoices:\nice\nsteam\n\nAnswer:", 1),
+    "piqa_like": ({"goal": "Dry a towel.", "sol1": "Hang it.", "sol2": "Wet it.", "label": 0},
+                  "Question: Dry a towel.\nAnswer:", 0),
+    "mmlu_like": ({"question": "2+2?", "subject": "math", "choices": ["3", "4", "5", "6"], "answer": 1},
+                  "Question: 2+2?\n\nChoices:\n3\n4\n5\n6\n\nAnswer:", 1),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", DOCS_EXAMPLES)
+def test_the_docs_examples_load(tmp_path: Path, name: str) -> None:
+    row, context, gold = DOCS_EXAMPLES[name]
+    write_jsonl(tmp_path / f"{name}.jsonl", [row])
+    (tmp_path / f"{name}.yaml").write_text(docs_spec(name))
+    (item,) = load_task(tmp_path / f"{name}.yaml").items
+    assert (item.context, item.gold) == (context, gold)
+    write_jsonl(tmp_path / "gsm8k_like.jsonl", [{"question": "1+1?", "answer": "One and one.\n#### 2"}])
+    (tmp_path / "gsm8k_like.yaml").write_text(docs_spec("gsm8k_like"))
+    assert load_task(tmp_path / "gsm8k_like.yaml").items[0].target == "2"
+
+
+def test_partial_scoring_items_score_each_option_s_context_on_the_shared_rest(tmp_path: Path) -> None:
+    specs = write_shapes(tmp_path)
+    item = load_task(specs["winogrande"]).items[1]
+    assert item.requests == [
+        ("The trophy doesn't fit into the brown suitcase because the trophy", " is too large."),
+        ("The trophy doesn't fit into the brown suitcase because the suitcase", " is too large."),
+    ]
+    assert (item.context, item.gold, item.continuation) == ("", 0, "is too large.")
+
+
 # ------------------------------------------------------------------------------------------ lm-eval agreement
 
 
@@ -407,7 +492,7 @@ def lm_eval_requests(task) -> list[tuple]:
 def our_requests(items: list) -> list[tuple]:
     if isinstance(items[0], GenerationItem):
         return [item.prompt for item in items]
-    return [(item.context, continuation) for item in items for continuation in item.continuations]
+    return [request for item in items for request in item.requests]
 
 
 # stock lm-eval task YAML, and the rows of our data file it is checked on
@@ -457,6 +542,30 @@ def test_plain_style_matches_stock_lm_eval_tasks(
         assert [c.index(g) if isinstance(g, str) else g for c, g in zip(choices, golds, strict=True)] == [
             item.gold for item in ours.items
         ]
+
+
+def test_each_new_spec_shape_asks_what_lm_eval_s_own_task_asks(tmp_path: Path, lm_eval_task_manager) -> None:
+    """Fixed options (BoolQ), a blank (WinoGrande), endings (HellaSwag): the docs/tasks.md specs give lm-eval's
+    own tasks' requests and golds on the same rows, and exported they give stock lm-eval the same requests."""
+    specs = write_shapes(tmp_path / "data")
+    stock = write_stock_tasks(tmp_path / "stock", tmp_path / "data", LM_EVAL_TASKS)
+    ours = {name: load_task(specs[name]) for name in SHAPES}
+    exported = {name: export_lm_eval_task(ours[name], tmp_path / "stock") for name in SHAPES}
+
+    loaded = lm_eval_task_manager(tmp_path / "stock").load([*stock.values(), *exported.values()])["tasks"]
+    for name in SHAPES:
+        for lm_eval_task in (loaded[stock[name]], loaded[exported[name]]):
+            assert lm_eval_requests(lm_eval_task) == our_requests(ours[name].items), name
+            docs = list(lm_eval_task.eval_docs)
+            golds = [
+                lm_eval_task.doc_to_text(doc)
+                if lm_eval_task.multiple_input
+                else lm_eval_task.doc_to_target(doc)
+                for doc in docs
+            ]
+            assert golds == [item.gold for item in ours[name].items], name
+            choices = [lm_eval_task.doc_to_choice(doc) for doc in docs]
+            assert choices == [item.choices for item in ours[name].items], name  # what acc_norm divides by
 
 
 @pytest.mark.parametrize("style", ["full", "plain"])

@@ -24,6 +24,7 @@ from bitune.cli import (
     generate,
     lm_eval,
     report,
+    serve,
     train,
 )
 from bitune.errors import BituneInputError
@@ -38,6 +39,7 @@ COMMANDS: dict[str, ModuleType] = {
     "train": train,
     "generate": generate,
     "chat": chat,
+    "serve": serve,
     "export": export,
     "experiment": experiment,
     "report": report,
@@ -65,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except BituneInputError as error:
-        print(f"bitune {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())  # one line
+        print(f"bitune {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"bitune {args.command}: interrupted", file=sys.stderr)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from bitune.cli.common import HelpFormatter, add_model_arguments, add_sampling_arguments, generation_kwargs
+from bitune.cli.common import (
+    HelpFormatter,
+    add_model_arguments,
+    add_sampling_arguments,
+    generation_kwargs,
+    quiet_libraries,
+)
 from bitune.core.generation import stream
 from bitune.core.pretrained import load_for_inference
 from bitune.core.prompts import render_prompt
@@ -28,10 +34,15 @@ examples:
     add_sampling_arguments(parser)
 
 
+@quiet_libraries()  # no library warnings or progress bars between the answers
 def run(args: argparse.Namespace) -> int:
     """Run the `chat` command; returns the exit code."""
     model, tokenizer = load_for_inference(
-        checkpoint=args.checkpoint, base_model=args.base_model, device=args.device, dtype=args.dtype
+        checkpoint=args.checkpoint,
+        base_model=args.base_model,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
     )
     print(f"Chatting with {args.checkpoint}. An empty line or Ctrl-D ends the chat.")
     while True:

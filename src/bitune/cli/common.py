@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import set_seed
 
-from bitune.core.loading import DTYPES
+from bitune.core.loading import DTYPES, QUANTIZATIONS
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -44,10 +48,21 @@ def add_device_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     )
 
 
+def add_quantization_argument(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--quantization: load the base model k-bit quantized (bitsandbytes), or not."""
+    parser.add_argument(
+        "--quantization",
+        choices=list(QUANTIZATIONS),
+        help="load the base model 4-bit or 8-bit quantized (bitsandbytes), or not ('none'); default: as the "
+        "checkpoint records (a model trained on a k-bit base), else not",
+    )
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model to talk to (--checkpoint, --base-model, --device, --dtype) and the prompt --template."""
     add_checkpoint_arguments(parser)
     add_device_arguments(parser)
+    add_quantization_argument(parser)
     parser.add_argument(
         "--template",
         default="plain",
@@ -79,3 +94,31 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
     if args.stop:
         kwargs["stop_strings"] = args.stop
     return kwargs
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Keep the libraries' warnings and progress bars out of what a command prints for its user (chat answers,
+    generated text), while the block runs; also a decorator (`@quiet_libraries()`).
+
+    Python warnings (transformers' FutureWarnings, ...) go to the `bitune` log at debug level instead of
+    stderr; a filter that makes them errors (as the tests' does for FutureWarnings) still raises. transformers
+    logs errors only and shows no progress bars.
+    """
+    from transformers.utils import logging as transformers_logging
+
+    def to_log(message, category, filename, lineno, file=None, line=None) -> None:
+        logging.getLogger("bitune").debug("%s:%d: %s: %s", filename, lineno, category.__name__, message)
+
+    verbosity = transformers_logging.get_verbosity()
+    progress_bars = transformers_logging.is_progress_bar_enabled()
+    shown, warnings.showwarning = warnings.showwarning, to_log
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+        transformers_logging.set_verbosity(verbosity)
+        if progress_bars:
+            transformers_logging.enable_progress_bar()

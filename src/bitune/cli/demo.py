@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bitune.cli.common import HelpFormatter
+from bitune.cli.common import HelpFormatter, quiet_libraries
 from bitune.experiments.demo import DEFAULT_OUTPUT
 
 HELP = "the self-contained demo: synthetic data, a tiny pretrained model, Bitune tuning, accuracy"
@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@quiet_libraries()  # no library warnings or progress bars around the results
 def run(args: argparse.Namespace) -> int:
     """Run the demo, print the accuracy table and one sample answer; returns the exit code."""
     from bitune.core.generation import generate_text

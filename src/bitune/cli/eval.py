@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bitune.cli.common import add_device_arguments
+from bitune.cli.common import add_device_arguments, add_quantization_argument
 from bitune.errors import BituneInputError
 from bitune.evaluation.runner import run_evaluation
 from bitune.evaluation.tasks import STYLES, TASK_NAMES
@@ -45,6 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokenizer path or hub id; unset: the checkpoint's or adapter's, else the base model's",
     )
     add_device_arguments(model)
+    add_quantization_argument(model)
 
     data = parser.add_argument_group("tasks")
     data.add_argument(
@@ -97,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         device=args.device,
         dtype=args.dtype,
+        quantization=args.quantization,
         data_dir=args.data_dir,
         task_files=task_files,
         style=args.style,

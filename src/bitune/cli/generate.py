@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from bitune.cli.common import HelpFormatter, add_model_arguments, add_sampling_arguments, generation_kwargs
+from bitune.cli.common import (
+    HelpFormatter,
+    add_model_arguments,
+    add_sampling_arguments,
+    generation_kwargs,
+    quiet_libraries,
+)
 from bitune.core.generation import generate_text
 from bitune.core.pretrained import load_for_inference
 from bitune.core.prompts import render_prompt
@@ -36,10 +42,15 @@ examples:
     )
 
 
+@quiet_libraries()  # no library warnings or progress bars between the answers
 def run(args: argparse.Namespace) -> int:
     """Run the `generate` command; returns the exit code."""
     model, tokenizer = load_for_inference(
-        checkpoint=args.checkpoint, base_model=args.base_model, device=args.device, dtype=args.dtype
+        checkpoint=args.checkpoint,
+        base_model=args.base_model,
+        device=args.device,
+        dtype=args.dtype,
+        quantization=args.quantization,
     )
     prompts = [render_prompt(prompt, args.template, tokenizer) for prompt in args.prompt]
     answers = [

@@ -26,10 +26,11 @@ examples:
   # 4 GPUs with DDP (effective batch = batch_size x gradient_accumulation_steps x 4)
   torchrun --nproc_per_node 4 -m bitune train configs/paper_lora.yaml --training.batch_size 5 ...
 
-settings (any of them as --section.key VALUE; see configs/paper_lora.yaml for all):
-  model.name_or_path (or --model), model.dtype, data.path (or --data), data.format, data.template,
-  data.max_length, data.limit, validation.path, validation.size, peft.kind (lora|dora|ia3), peft.r,
-  peft.alpha, bitune.mode, bitune.core.mixing, training.learning_rate, training.max_steps,
+settings (any of them as --section.key VALUE; docs/config_reference.md explains every key):
+  model.name_or_path (or --model), model.dtype, data.path (or --data; a list mixes several),
+  data.format, data.template, data.chat_template, data.max_length, data.empty, data.limit,
+  validation.path, validation.size, validation.limit, peft.kind (lora|dora|ia3), peft.r,
+  peft.alpha, bitune.mode, bitune.mixing, training.learning_rate, training.max_steps,
   training.batch_size, training.gradient_accumulation_steps, training.precision (bf16|fp16|fp32),
   training.activation_checkpointing, training.save_steps, training.eval_steps, output_dir, device
 """
@@ -70,6 +71,9 @@ def _log_to_console() -> None:
     """Show bitune's own progress messages (data statistics, resuming) on stderr."""
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.set_name("bitune-console")
     package_logger = logging.getLogger("bitune")
+    for earlier in [h for h in package_logger.handlers if h.get_name() == "bitune-console"]:
+        package_logger.removeHandler(earlier)  # one handler, on the current stderr, however often run
     package_logger.addHandler(handler)
     package_logger.setLevel(logging.INFO)

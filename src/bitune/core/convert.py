@@ -10,10 +10,16 @@ untied classifier is appended) followed by fp32 arrays. Its tokenizer file holds
 max_token_length, then per token a float32 score, an int32 byte length and the UTF-8 bytes. The result
 loads with `AutoModelForCausalLM` / `AutoTokenizer`:
 
-    >>> from transformers import AutoModelForCausalLM
+    >>> from transformers import AutoModelForCausalLM, AutoTokenizer
     >>> from bitune.core.convert import convert_llama2c
-    >>> folder = convert_llama2c("stories260K.bin", "tok512.bin", "stories260k-hf")  # doctest: +SKIP
-    >>> model = AutoModelForCausalLM.from_pretrained(folder)  # doctest: +SKIP
+    >>> models = "../shared/data/models/"
+    >>> folder = convert_llama2c(models + "stories260K.bin", models + "tok512.bin", tmp / "stories260k-hf")
+    >>> model = AutoModelForCausalLM.from_pretrained(folder)
+    >>> tokenizer = AutoTokenizer.from_pretrained(folder)
+    >>> inputs = tokenizer("Once upon a time", return_tensors="pt")
+    >>> output = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    >>> tokenizer.decode(output[0], skip_special_tokens=True)
+    'Once upon a time, there was a little girl named Lily...'
 """
 
 from __future__ import annotations
@@ -177,8 +183,8 @@ def read_llama2c_checkpoint(checkpoint: str | Path) -> tuple[LlamaConfig, dict[s
     The q/k projections are permuted to HF's rotary layout; the RoPE tables stored in the file are dropped
     (HF recomputes them). Raises `BituneInputError` for a missing, truncated or oversized file or a bad header.
 
-    >>> config, state_dict = read_llama2c_checkpoint("stories260K.bin")  # doctest: +SKIP
-    >>> config.hidden_size, state_dict["model.layers.0.self_attn.q_proj.weight"].shape  # doctest: +SKIP
+    >>> config, state_dict = read_llama2c_checkpoint("../shared/data/models/stories260K.bin")
+    >>> config.hidden_size, state_dict["model.layers.0.self_attn.q_proj.weight"].shape
     (64, torch.Size([64, 64]))
     """
     path = Path(checkpoint)
@@ -221,8 +227,8 @@ def read_llama2c_tokenizer(tokenizer: str | Path) -> list[tuple[str, float]]:
 
     Raises `BituneInputError` naming the token id when the file is truncated or malformed.
 
-    >>> pieces = read_llama2c_tokenizer("tok512.bin")  # doctest: +SKIP
-    >>> pieces[1], pieces[259]  # doctest: +SKIP
+    >>> pieces = read_llama2c_tokenizer("../shared/data/models/tok512.bin")
+    >>> pieces[1], pieces[259]
     (('\\n<s>\\n', 0.0), (' t', -0.0))
     """
     path = Path(tokenizer)
@@ -266,8 +272,8 @@ def build_llama2c_tokenizer(tokenizer: str | Path) -> PreTrainedTokenizerFast:
     scores the way transformers' sentencepiece converters do. BOS (`<s>`, id 1) is added to every encoding;
     `pad_token` is `<unk>` (id 0), which byte fallback never produces, so EOS stays a learnable label.
 
-    >>> tok = build_llama2c_tokenizer("tok512.bin")  # doctest: +SKIP
-    >>> tok("Once upon").input_ids  # doctest: +SKIP
+    >>> tok = build_llama2c_tokenizer("../shared/data/models/tok512.bin")
+    >>> tok("Once upon").input_ids
     [1, 403, 407]
     """
     path = Path(tokenizer)
@@ -339,8 +345,12 @@ def convert_llama2c(
     or untouched. Raises `BituneInputError` for bad inputs, a vocabulary size mismatch between the two
     files, or a non-empty `output_dir` without `overwrite=True`.
 
-    >>> folder = convert_llama2c("stories260K.bin", "tok512.bin", "stories260k-hf")  # doctest: +SKIP
-    >>> AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers  # doctest: +SKIP
+    >>> from transformers import AutoModelForCausalLM
+    >>> models = "../shared/data/models/"
+    >>> folder = convert_llama2c(models + "stories260K.bin", models + "tok512.bin", tmp / "stories260k-hf")
+    >>> sorted(path.name for path in folder.iterdir())
+    ['config.json', 'generation_config.json', 'model.safetensors', 'tokenizer.json', 'tokenizer_config.json']
+    >>> AutoModelForCausalLM.from_pretrained(folder).config.num_hidden_layers
     5
     """
     output_dir = Path(output_dir)

@@ -34,9 +34,10 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import save_file
 
-from bitune.core.checkpoint import describe, write_config, write_mixer
+from bitune.core.checkpoint import describe, local_or_hub, write_config, write_mixer
+from bitune.core.loading import quantization_of
 from bitune.core.modes import BIDIR_ADAPTER, CAUSAL_ADAPTER
-from bitune.errors import BituneError
+from bitune.errors import BituneError, BituneInputError
 from bitune.files import atomic_directory
 
 if TYPE_CHECKING:
@@ -44,8 +45,19 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def export_merged(model: BituneModel, output_dir: str | Path, tokenizer=None) -> Path:
+def export_merged(
+    model: BituneModel,
+    output_dir: str | Path,
+    tokenizer=None,
+    *,
+    overwrite: bool = False,
+    source: str | Path | None = None,
+) -> Path:
     """Write `model` with θ_c merged into the base weights to `output_dir` (atomically); `model` is unchanged.
+
+    `output_dir` must be new or empty, unless `overwrite` (then what it holds is replaced); it may never be,
+    hold or lie inside `source` (the checkpoint `model` was loaded from) or the local base model's folder,
+    which the export would destroy (`BituneInputError`).
 
     The exported model computes the same outputs as `model` (up to the rounding of the merge, done in float32
     and stored in the base weights' dtype) and decodes with the bare merged weights. Needs CPU memory for one
@@ -58,18 +70,19 @@ def export_merged(model: BituneModel, output_dir: str | Path, tokenizer=None) ->
         >>> base = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
         ...     num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1))
         >>> model = BituneModel.from_base(base, LoraConfig(r=4, target_modules="all-linear"))
-        >>> folder = export_merged(model, "/tmp/bitune-export-example")
+        >>> folder = export_merged(model, "/tmp/bitune-export-example", overwrite=True)
         >>> BituneModel.from_pretrained(folder).merged
         True
     """
     layers = check_exportable(model)
     base = model.base_model
+    check_export_folder(output_dir, overwrite, [source, local_or_hub(base.config._name_or_path)])
     has_bidir = BIDIR_ADAPTER in model.bitune_config.spec.adapters
     config = {
         **describe(model),
         "base_model": ".",  # this folder: `bitune.core.checkpoint` loads merged exports from themselves
         "merged": True,
-        "merged_from": base.config._name_or_path or None,
+        "merged_from": local_or_hub(base.config._name_or_path),
         "adapters": [BIDIR_ADAPTER] if has_bidir else [],
     }
     output_dir = Path(output_dir)
@@ -88,6 +101,30 @@ def export_merged(model: BituneModel, output_dir: str | Path, tokenizer=None) ->
     return output_dir
 
 
+def check_export_folder(
+    output_dir: str | Path, overwrite: bool, protected: list[str | Path | None]
+) -> None:
+    """Raise a `BituneInputError` unless `output_dir` may be (re)written: new or empty (or `overwrite`), and
+    neither one of the `protected` folders, nor inside one, nor holding one."""
+    output = Path(output_dir).resolve()
+    for folder in protected:
+        if folder is None or not Path(folder).exists():
+            continue  # a hub id, or nothing
+        kept = Path(folder).resolve()
+        if output == kept or output in kept.parents or kept in output.parents:
+            raise BituneInputError(
+                f"cannot export into {output_dir}: it is, holds or lies inside {folder}, which the export reads "
+                "from and would destroy; choose another folder"
+            )
+    if output.exists() and not output.is_dir():
+        raise BituneInputError(f"cannot export into {output_dir}: it is a file; choose a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise BituneInputError(
+            f"cannot export into {output_dir}: the folder is not empty and everything in it would be replaced; "
+            "choose a new folder, or pass --overwrite (overwrite=True) to replace it"
+        )
+
+
 # LoraConfig settings that make an adapter more than a low-rank update of linear weights, and why.
 _NOT_MERGEABLE = {
     "use_dora": "DoRA rescales each column of W + ΔW by a trained magnitude over its norm, so θ_b is no "
@@ -104,6 +141,14 @@ def check_exportable(model: BituneModel) -> dict[str, lora.Linear]:
     """Raise a `BituneError` saying why unless `model` merges exactly; returns its LoRA layers by name."""
     if model.merged:
         raise BituneError("this model is already a merged export")
+    quantization = quantization_of(model.base_model)
+    if quantization is not None:
+        raise BituneError(
+            f"the base model is {quantization}-quantized: merging θ_c into quantized weights would round it "
+            "away. Export the checkpoint on the full-precision base instead (`bitune export --quantization "
+            'none`, or BituneModel.from_pretrained(checkpoint, quantization="none")); the merged model then '
+            "computes with full-precision base weights, as QLoRA merges do"
+        )
     for name, config in model.peft_model.peft_config.items():
         if config.peft_type != PeftType.LORA:
             raise BituneError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -19,6 +20,7 @@ from bitune.core.batch import left_pad, pad_left
 from bitune.core.compat import cache_argument
 from bitune.core.loading import pad_token_id as tokenizer_pad_id
 from bitune.core.modes import CAUSAL_ADAPTER
+from bitune.core.passes import max_positions
 from bitune.core.prompts import encode_prompts
 from bitune.errors import BituneInputError
 
@@ -40,8 +42,10 @@ def generate(
     may be padded on either side; they are re-padded on the left.
 
     Example:
-        >>> ids = tokenizer(["Question: 2+2?\\n\\nAnswer:"], return_tensors="pt")  # doctest: +SKIP
-        >>> model.generate(**ids, max_new_tokens=8, do_sample=False)  # doctest: +SKIP
+        >>> ids = tokenizer(["Once upon a time"], return_tensors="pt")
+        >>> output = model.generate(**ids, max_new_tokens=8, do_sample=False)
+        >>> output.shape, tokenizer.decode(output[0])
+        (torch.Size([1, 13]), '<s> Once upon a time, there was a little girl')
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -52,6 +56,7 @@ def generate(
         padded = left_pad(input_ids, attention_mask, pad_token_id)
         input_ids, attention_mask = padded["input_ids"], padded["attention_mask"]
     generate_kwargs.setdefault("pad_token_id", pad_token_id)
+    check_generation(generate_kwargs, input_ids.shape[1], max_positions(model.config))
     _readable_stop_strings(generate_kwargs, prompt_length=input_ids.shape[1])
     if not model.bitune_config.spec.single_pass:
         # The cache covers prompt[:-1]; `generate` then feeds the last prompt token itself (see
@@ -64,6 +69,40 @@ def generate(
         return model.base_model.generate(
             input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
         )
+
+
+def check_generation(generate_kwargs: dict, prompt_length: int, positions: int | None) -> None:
+    """Refuse decoding settings that cannot work, naming the setting: `max_new_tokens` below 1, sampling at
+    temperature 0 or with `top_p` outside (0, 1], a prompt the model cannot read (longer than its positions).
+    `max_new_tokens` is capped so that prompt and answer fit the model's positions.
+
+    Example:
+        >>> check_generation({"max_new_tokens": 0}, prompt_length=5, positions=128)
+        Traceback (most recent call last):
+        bitune.errors.BituneInputError: max_new_tokens (--max-new-tokens) must be at least 1, got 0
+    """
+    new_tokens = generate_kwargs.get("max_new_tokens")
+    if new_tokens is not None and (isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1):
+        raise BituneInputError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {new_tokens!r}")
+    if generate_kwargs.get("do_sample"):
+        temperature, top_p, top_k = (generate_kwargs.get(k) for k in ("temperature", "top_p", "top_k"))
+        if temperature is not None and not (math.isfinite(temperature) and temperature > 0):
+            raise BituneInputError(
+                f"temperature (--temperature) must be positive when sampling, got {temperature}; for greedy "
+                "decoding leave out --do-sample (do_sample=False)"
+            )
+        if top_p is not None and not 0 < top_p <= 1:
+            raise BituneInputError(f"top_p (--top-p) must be in (0, 1], got {top_p}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise BituneInputError(f"top_k must be a whole number of at least 0, got {top_k!r}")
+    if positions is not None:
+        if prompt_length >= positions:
+            raise BituneInputError(
+                f"the prompt is {prompt_length} tokens long, and the model reads {positions} positions at most "
+                "(prompt and answer together); shorten the prompt"
+            )
+        if new_tokens is not None and prompt_length + new_tokens > positions:
+            generate_kwargs["max_new_tokens"] = positions - prompt_length
 
 
 class DecodedStopStrings(StoppingCriteria):
@@ -107,7 +146,8 @@ def generate_text(model: BituneModel, tokenizer, prompts: Sequence[str], **gener
     `bitune.core.plain.PlainModel`).
 
     Example:
-        >>> generate_text(model, tokenizer, ["Question: Who wrote Hamlet?\\n\\nAnswer:"], max_new_tokens=16)  # doctest: +SKIP
+        >>> generate_text(model, tokenizer, ["Once upon a time", "The cat"], max_new_tokens=8)
+        [', there was a little girl', 'and a boy were play']
     """
     encoded = _encode(tokenizer, prompts, model.device)
     return generate_new_text(
@@ -139,12 +179,15 @@ def stream(model: BituneModel, tokenizer, prompt: str, **generate_kwargs) -> Ite
     """Yield the answer to one prompt piece by piece as it is generated (for chat and interactive use).
 
     Example:
-        >>> for piece in stream(model, tokenizer, "Question: Tell a story.\\n\\nAnswer:"):  # doctest: +SKIP
+        >>> for piece in stream(model, tokenizer, "Once upon a time", max_new_tokens=12):
         ...     print(piece, end="", flush=True)
+        , there was a little girl named Lily. She
     """
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     encoded = _encode(tokenizer, [prompt], model.device)
     generate_kwargs.setdefault("pad_token_id", tokenizer_pad_id(tokenizer))
+    if "stop_strings" in generate_kwargs:  # transformers needs the tokenizer to find them
+        generate_kwargs.setdefault("tokenizer", tokenizer)
     errors: list[BaseException] = []
 
     def work() -> None:

@@ -6,6 +6,7 @@ way everywhere: no remote code unless asked for, weights from safetensors, one p
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,8 @@ DTYPES: dict[str, torch.dtype | str] = {
     "float16": torch.float16,
 }
 DEVICES = ("auto", "cpu", "cuda", "mps")
+# k-bit base models (QLoRA-style), through bitsandbytes: on CUDA GPUs and, since bitsandbytes 0.46, on the CPU.
+QUANTIZATIONS = ("none", "4bit", "8bit")
 
 
 def torch_dtype(name: str) -> torch.dtype | str:
@@ -92,11 +95,120 @@ def _check_local(name_or_path: str | Path) -> None:
         raise BituneInputError(f"model {text!r}: no such file or folder")
 
 
+def check_quantization(quantization: str | None) -> str | None:
+    """`quantization` if it is one of `QUANTIZATIONS` (or None), else a `BituneInputError`.
+
+    Example:
+        >>> check_quantization("4bit")
+        '4bit'
+    """
+    if quantization is not None and quantization not in QUANTIZATIONS:
+        raise BituneInputError(
+            f"quantization {quantization!r} is unknown; use one of {', '.join(QUANTIZATIONS)}"
+        )
+    return quantization
+
+
+def quantization_config(
+    quantization: str | None, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
+):
+    """transformers' `BitsAndBytesConfig` for a base model quantized as `quantization` says ("4bit": NF4 with
+    double quantization, as QLoRA; "8bit": LLM.int8()); None for "none" or None.
+
+    The 4-bit layers compute in `dtype` (for "auto": bfloat16 on a GPU, float32 on the CPU). The output layer
+    stays in full precision (transformers' default).
+
+    Example:
+        >>> quantization_config("4bit", "float32").bnb_4bit_quant_type
+        'nf4'
+    """
+    if check_quantization(quantization) in (None, "none"):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise BituneInputError(
+            f"quantization {quantization!r} needs bitsandbytes: pip install bitsandbytes"
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute_dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    if compute_dtype == "auto":
+        compute_dtype = torch.bfloat16 if resolve_device(device).type == "cuda" else torch.float32
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def quantization_of(model: PreTrainedModel) -> str | None:
+    """"4bit" or "8bit" for a base model loaded with bitsandbytes quantization, else None.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> quantization_of(LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1))) is None
+        True
+    """
+    if getattr(model, "is_loaded_in_4bit", False):
+        return "4bit"
+    if getattr(model, "is_loaded_in_8bit", False):
+        return "8bit"
+    return None
+
+
+def keep_quantized_layers_trainable(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on their differentiable CPU path.
+
+    On CPUs with AVX512-BF16, a 4-bit layer that first runs in eval mode without gradients repacks its weights
+    for a faster kernel and runs that kernel from then on, also in training, where it has no backward: the
+    gradient would no longer flow through the layer to the adapters of earlier layers. Bitune switches between
+    eval and training (support checks, evaluation during a run), so the repacking is turned off (and undone).
+    """
+    for module in model.modules():
+        if not getattr(module, "support_avx512bf16_for_cpu", False):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+
+
+def quantized_device(device: str | torch.device = "auto") -> str:
+    """Where a quantized model is loaded (it is quantized on its device and cannot be moved afterwards): the
+    device, with a CUDA device under `torchrun`/`accelerate` being the process's own (`LOCAL_RANK`)."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return str(resolved)
+
+
+def _check_safetensors(location: str | Path) -> None:
+    """A local model folder whose weights are pickle files only is refused with a way out."""
+    folder = Path(location)
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickles:
+            raise BituneInputError(
+                f"model {str(location)!r}: its weights are pickle files only ({', '.join(pickles[:3])}), which "
+                "bitune does not load (unpickling can run code); convert them to safetensors "
+                "(model.save_pretrained(folder, safe_serialization=True))"
+            )
+
+
 def load_base_model(
     name_or_path: str | Path,
     *,
     dtype: str | torch.dtype = "auto",
     attn_implementation: str | None = None,
+    quantization: str | None = None,
+    device: str | torch.device = "auto",
     **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel:
     """A causal LM from a local folder, a GGUF file or a hub id, without remote code unless
@@ -105,8 +217,16 @@ def load_base_model(
     A GGUF file (`path/to/model.gguf`, or a folder with `gguf_file="model.gguf"`) is dequantized on load; the
     model then records the file's path as its name, so a checkpoint trained on it finds it again.
 
+    `quantization` ("4bit", "8bit"; see `quantization_config`) loads the linear layers k-bit quantized with
+    bitsandbytes, directly onto `device` (a quantized model is not moved afterwards); otherwise the model is
+    loaded on the CPU and `device` is not used.
+
     Example:
+        >>> model = load_base_model(base, dtype="bfloat16")  # a local folder
+        >>> type(model).__name__, model.dtype, model.config.num_hidden_layers
+        ('LlamaForCausalLM', torch.bfloat16, 5)
         >>> model = load_base_model("HuggingFaceTB/SmolLM2-135M", dtype="bfloat16")  # doctest: +SKIP
+        >>> model = load_base_model("HuggingFaceTB/SmolLM2-135M", quantization="4bit")  # doctest: +SKIP
     """
     location, gguf = gguf_location(name_or_path, from_pretrained_kwargs.pop("gguf_file", None))
     _check_local(location if not gguf else Path(location) / gguf["gguf_file"])
@@ -114,10 +234,28 @@ def load_base_model(
     kwargs["dtype"] = torch_dtype(dtype) if isinstance(dtype, str) else dtype
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    bits = quantization_config(quantization, dtype, device)
+    if bits is not None:
+        if gguf:
+            raise BituneInputError(
+                f"{name_or_path}: a GGUF file cannot be loaded {quantization}-quantized; convert it first "
+                "(bitune convert-gguf) and quantize the converted folder"
+            )
+        kwargs["quantization_config"] = bits
+        kwargs.setdefault("device_map", {"": quantized_device(device)})
+    if not gguf:
+        _check_safetensors(location)
+        kwargs.setdefault("use_safetensors", True)  # never unpickle weights: a pickle can run code
     try:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except OSError as error:
         raise BituneInputError(f"cannot load the model {str(name_or_path)!r}: {error}") from None
+    except ValueError as error:  # e.g. an encoder-only or encoder-decoder model: no causal LM class
+        gist = next((line for line in str(error).splitlines() if line.strip()), "")[:300]
+        raise BituneInputError(
+            f"cannot load {str(name_or_path)!r} as a causal language model ({gist}); Bitune needs a decoder-only "
+            "causal LM"
+        ) from None
     if gguf:
         model.config._name_or_path = str(Path(location) / gguf["gguf_file"])
         quantizer = model.hf_quantizer
@@ -126,6 +264,8 @@ def load_base_model(
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
                 del model.config.quantization_config
+    if bits is not None:
+        keep_quantized_layers_trainable(model)
     return model
 
 
@@ -133,9 +273,12 @@ def load_tokenizer(name_or_path: str | Path):
     """The tokenizer of a model (folder, GGUF file or hub id), with a padding token (its EOS when it has none).
 
     Example:
-        >>> tokenizer = load_tokenizer("HuggingFaceTB/SmolLM2-135M")  # doctest: +SKIP
+        >>> tokenizer = load_tokenizer(base)
+        >>> tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token
+        ('<s>', '</s>', '<unk>')
     """
     location, gguf = gguf_location(name_or_path)
+    _check_local(location if not gguf else Path(location) / gguf["gguf_file"])
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **gguf)
     except (OSError, ValueError) as error:

@@ -32,7 +32,7 @@ from bitune.core.compat import (
 )
 from bitune.core.generation import generate
 from bitune.core.layer_sync import layer_synchronous_logits
-from bitune.core.loading import load_base_model
+from bitune.core.loading import keep_quantized_layers_trainable, load_base_model
 from bitune.core.mixing import Mixer
 from bitune.core.modes import BIDIR_ADAPTER, CAUSAL_ADAPTER, BituneConfig, PromptPass
 from bitune.core.passes import (
@@ -110,6 +110,7 @@ class BituneModel(nn.Module):
         # A merged export (`bitune.core.export`) holds θ_c in its base weights: the causal passes run no adapter;
         # `peft_model` holds only θ_b (relative to the merged weights), or is the bare model if there is no θ_b.
         self.merged = merged
+        keep_quantized_layers_trainable(peft_model)
         self._tuner_layers = [m for m in peft_model.modules() if isinstance(m, BaseTunerLayer)]
         if merged:
             # θ_b's LoRA layers are plugged in for the bidirectional pass only; every other pass (decoding
@@ -145,6 +146,7 @@ class BituneModel(nn.Module):
         config = config or BituneConfig()
         if isinstance(base_model, (str, Path)):
             base_model = load_base_model(base_model, **from_pretrained_kwargs)
+        keep_quantized_layers_trainable(base_model)  # before the support check runs it in eval mode
         if check_support:
             check_model_support(base_model)
         base_model.requires_grad_(False)

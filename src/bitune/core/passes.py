@@ -114,3 +114,19 @@ def answer_pass_logits(
 def num_layers(model: PreTrainedModel) -> int:
     """The number of decoder layers (of the text model, for multimodal configs)."""
     return model.config.get_text_config(decoder=True).num_hidden_layers
+
+
+def max_positions(config) -> int | None:
+    """The most tokens a model reads at once, as its config names it (None when it names no limit).
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> max_positions(LlamaConfig(max_position_embeddings=128))
+        128
+    """
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None

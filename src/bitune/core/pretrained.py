@@ -15,7 +15,15 @@ from peft import PeftModel
 from transformers import PreTrainedModel
 
 from bitune.core.checkpoint import recorded_base_model
-from bitune.core.loading import load_base_model, load_tokenizer, resolve_device, tokenizer_source, torch_dtype
+from bitune.core.loading import (
+    check_quantization,
+    load_base_model,
+    load_tokenizer,
+    quantization_of,
+    resolve_device,
+    tokenizer_source,
+    torch_dtype,
+)
 from bitune.core.model import BituneModel
 from bitune.core.modes import CAUSAL_ADAPTER, BituneConfig
 from bitune.core.plain import PlainModel
@@ -30,6 +38,7 @@ def load_for_inference(
     tokenizer: str | Path | Any | None = None,
     device: str | torch.device = "auto",
     dtype: str | torch.dtype = "auto",
+    quantization: str | None = None,
 ) -> tuple[BituneModel | PlainModel, Any]:
     """A trained model for generation or scoring, in eval mode on `device`, and its tokenizer.
 
@@ -46,10 +55,17 @@ def load_for_inference(
             adapter), else the base model's.
         device: "auto" (a GPU if there is one), "cpu", "cuda", "cuda:N", "mps".
         dtype: of the base weights when they are loaded here ("auto": the model's own).
+        quantization: load the base model k-bit quantized ("4bit", "8bit"; see
+            `bitune.core.loading.quantization_config`) or not ("none"); by default as the checkpoint records it
+            (a model trained on a 4-bit base is loaded on the same 4-bit base), else in full precision.
 
     Example:
-        >>> model, tokenizer = load_for_inference(checkpoint="runs/bitune/final")  # doctest: +SKIP
-        >>> model, tokenizer = load_for_inference(base_model="HuggingFaceTB/SmolLM2-135M")  # doctest: +SKIP
+        >>> model, tokenizer = load_for_inference(checkpoint=checkpoint, device="cpu")  # + its recorded base
+        >>> type(model).__name__, model.training, model.device
+        ('BituneModel', False, device(type='cpu'))
+        >>> model, tokenizer = load_for_inference(base_model=base, device="cpu")  # or a hub id
+        >>> type(model).__name__
+        'PlainModel'
     """
     if checkpoint is not None and peft_adapter is not None:
         raise BituneInputError("give a Bitune checkpoint or a PEFT adapter, not both")
@@ -59,6 +75,9 @@ def load_for_inference(
         raise BituneInputError(f"{peft_adapter}: not a PEFT adapter folder (adapter_config.json is missing)")
     target = resolve_device(device)
     dtype = torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    loading: dict[str, Any] = {"dtype": dtype, "device": target}
+    if check_quantization(quantization) is not None:
+        loading["quantization"] = quantization
     source = None
     if tokenizer is None:  # found before the model is loaded, so that a missing one fails fast
         base_name = base_model if isinstance(base_model, (str, Path)) else None
@@ -76,10 +95,10 @@ def load_for_inference(
         source = tokenizer
 
     if checkpoint is not None:
-        model = BituneModel.from_pretrained(checkpoint, base_model, dtype=dtype)
+        model = BituneModel.from_pretrained(checkpoint, base_model, **loading)
     else:
         if isinstance(base_model, (str, Path)):
-            base_model = load_base_model(base_model, dtype=dtype)
+            base_model = load_base_model(base_model, **loading)
         if peft_adapter is not None:
             # Named like Bitune's causal adapter, which mode "baseline" routes every pass through.
             peft_model = PeftModel.from_pretrained(base_model, peft_adapter, adapter_name=CAUSAL_ADAPTER)
@@ -88,7 +107,9 @@ def load_for_inference(
             model = PlainModel(base_model)
     if source is not None:
         tokenizer = load_tokenizer(source)
-    return model.to(target).eval(), tokenizer
+    if quantization_of(model.base_model) is None:  # a quantized model was loaded onto its device already
+        model = model.to(target)
+    return model.eval(), tokenizer
 
 
 __all__ = ["load_for_inference"]

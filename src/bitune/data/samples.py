@@ -4,7 +4,8 @@ Three steps, each usable on its own:
 
 1. `load_records` (`bitune.data.records`) reads rows from a local file (JSON list, JSON Lines, CSV, Parquet) or a Hugging Face hub
    dataset, remembering where each row came from ("train.jsonl, line 7"; "data.json, row 3" where rows of a
-   JSON list, CSV, Parquet file or hub dataset count from 0 and the CSV header is not a row).
+   JSON list, CSV, Parquet file or hub dataset count from 0 and the CSV header is not a row). Several files or
+   data sets can be mixed in one run (`DataConfig.path` as a list, each with an optional `weight` and `limit`).
 2. A *format* (`bitune.data.formats`) turns each row into a conversation and an answer: `alpaca` (instruction, input, output),
    `prompt_completion` (prompt, completion), `messages` (OpenAI role/content or ShareGPT from/value turns; the
    last assistant turn is the answer), `csqa` (question, choices {label, text}, answerKey: the schema of
@@ -12,7 +13,8 @@ Three steps, each usable on its own:
    a value may also be a template over the row, e.g. "{rationale} So the answer is {answer}."). `auto` picks
    one from the columns of the first row.
 3. A *template* (`bitune.core.prompts`) turns the conversation into prompt text: `plain` (the paper's "Question: {prompt}\\n\\nAnswer:",
-   answer " " + answer), `chat` (the tokenizer's chat template), or any string containing {prompt}. The answer's
+   answer " " + answer), `chat` (the tokenizer's chat template, or `chat_template`: a well-known one by name
+   or Jinja text), or any string containing {prompt}. The answer's
    tokens are those that follow the prompt's in prompt + answer (as the paper's code splits them), so the
    boundary is exact; the prompt starts with BOS (if the tokenizer has one) and the answer ends with EOS.
 
@@ -24,13 +26,13 @@ from __future__ import annotations
 import logging
 import os
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TypeVar
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, NoReturn, TypeVar
 
 from transformers import PreTrainedTokenizerBase
 
-from bitune.core.prompts import PLAIN_TEMPLATE, encode_prompts, split_answers
+from bitune.core.prompts import PLAIN_TEMPLATE, chat_template_text, encode_prompts, render_chat, split_answers
 from bitune.data.formats import (
     FORMATS,
     EmptyFieldError,
@@ -42,6 +44,7 @@ from bitune.data.formats import (
 )
 from bitune.data.records import Record, load_records
 from bitune.errors import BituneInputError
+from bitune.settings import build
 
 logger = logging.getLogger(__name__)
 
@@ -52,32 +55,81 @@ T = TypeVar("T")
 
 
 @dataclass
+class DataSource:
+    """One of several data sources mixed in a run: an item of a `data.path` list (a path alone, or a mapping).
+
+    Args:
+        path: a local .json/.jsonl/.csv/.parquet file, or a Hugging Face hub dataset name.
+        split: the split of a hub dataset (default: `data.split`).
+        format: this source's format (default: `data.format`); set it when the sources differ.
+        columns: this source's column mapping, for format "columns" (default: `data.columns`).
+        weight: how often each of its samples is used: 2 repeats every sample, 0.5 keeps a random half,
+            1.5 repeats a random half once more (seeded with `data.seed`).
+        limit: keep a random `limit` of this source's samples (before the weight); None keeps all.
+
+    Example:
+        >>> DataConfig(["a.jsonl", {"path": "b.jsonl", "weight": 2}]).sources[1].weight
+        2.0
+    """
+
+    path: str
+    split: str | None = None
+    format: str | None = None
+    columns: dict[str, str] | None = None
+    weight: float = 1.0
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        def fail(name: str, problem: str) -> NoReturn:
+            raise BituneInputError(f"data source {self.path!r}, field '{name}': {problem}")
+
+        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
+            fail("path", "must be a file path or a hub dataset name")
+        self.path = os.fspath(self.path)
+        if self.format is not None and self.format not in FORMATS:
+            fail("format", f"{self.format!r} is not a known format; use one of {', '.join(FORMATS)}")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not self.weight > 0:
+            fail("weight", f"{self.weight!r} must be a positive number (1: each sample once)")
+        self.weight = float(self.weight)
+        if self.limit is not None and (not is_int(self.limit) or self.limit < 1):
+            fail("limit", f"{self.limit!r} must be a positive integer or null")
+
+
+@dataclass
 class DataConfig:
     """Where the data is and how it becomes samples (plain types only, so it maps onto YAML).
 
     Args:
-        path: a local .json/.jsonl/.csv/.parquet file, or a Hugging Face hub dataset name.
+        path: a local .json/.jsonl/.csv/.parquet file, or a Hugging Face hub dataset name; or a list of them
+            to mix, each a path or a mapping {path, split, format, columns, weight, limit} (`DataSource`).
         split: the split of a hub dataset (a local file is one split already).
         format: "auto", "alpaca", "prompt_completion", "messages", "columns" or "csqa" (see the module doc).
-        template: "plain" (the paper's), "chat" (the tokenizer's chat template) or a string with {prompt}.
+        template: "plain" (the paper's), "chat" (a chat template: `chat_template`, else the tokenizer's) or a
+            string with {prompt}.
+        chat_template: the chat template of template "chat", instead of the tokenizer's own: a name (chatml,
+            zephyr, llama2, gemma) or Jinja text as in a tokenizer_config.json; setting it turns template
+            "plain" (the default) into "chat". The checkpoint's tokenizer keeps it, so `bitune generate` and
+            `bitune chat` with --template chat (and lm-eval's --apply_chat_template) render prompts as training did.
         columns: for format "columns": {"prompt": ..., "answer": ...}, each a column name or a template
             such as "{context}\\n{question}".
         max_length: the most prompt + answer tokens a sample may have.
         overlong: "drop" longer samples (the paper) or "truncate" them (the prompt loses its start, after
             BOS, down to half of max_length at most; then the answer loses its end, before EOS).
         empty: "error" on an empty prompt or answer, or "drop" such rows (counted in the stats).
-        limit: keep a random `limit` of the samples (seeded, in file order); None keeps all.
-        seed: the seed of that choice.
+        limit: keep a random `limit` of the samples (seeded, in file order; of the mix, with several
+            sources); None keeps all.
+        seed: the seed of that choice (and of the sources' limits and weights).
 
     Example:
         >>> DataConfig("train.jsonl", columns={"prompt": "question", "answer": "answer"}).format
         'columns'
     """
 
-    path: str
+    path: str | list[str | dict[str, Any]]
     split: str = "train"
     format: str = "auto"
     template: str = "plain"
+    chat_template: str | None = None
     columns: dict[str, str] | None = None
     max_length: int = 512
     overlong: str = "drop"
@@ -86,9 +138,24 @@ class DataConfig:
     seed: int = 42
 
     def __post_init__(self) -> None:
-        if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
-            config_error("path", f"{self.path!r} must be a file path or a hub dataset name")
-        self.path = os.fspath(self.path)
+        if isinstance(self.path, (list, tuple)):
+            self.path = [_plain_source(item, index) for index, item in enumerate(self.path)]
+            if not self.path:
+                config_error("path", "an empty list; give one path, or a list of paths to mix")
+            _ = self.sources  # checks every item
+        else:
+            if not isinstance(self.path, (str, os.PathLike)) or not os.fspath(self.path):
+                config_error("path", f"{self.path!r} must be a file path or a hub dataset name")
+            self.path = os.fspath(self.path)
+        if self.chat_template is not None:
+            chat_template_text(self.chat_template)  # a known name or Jinja text
+            if self.template == "plain":
+                self.template = "chat"
+            elif self.template != "chat":
+                config_error(
+                    "chat_template",
+                    f"applies to template 'chat', not {self.template!r}; remove one of the two",
+                )
         if self.format not in FORMATS:
             config_error("format", f"{self.format!r} is not a known format; use one of {', '.join(FORMATS)}")
         if self.template not in ("plain", "chat") and (
@@ -115,6 +182,43 @@ class DataConfig:
         if self.limit is not None and (not is_int(self.limit) or self.limit < 1):
             config_error("limit", f"{self.limit!r} must be a positive integer or null")
 
+    @property
+    def sources(self) -> list[DataSource]:
+        """The data sources: one for a single path, one per item of a `path` list."""
+        if isinstance(self.path, str):
+            return [DataSource(self.path)]
+        return [
+            DataSource(item)
+            if isinstance(item, str)
+            else build(DataSource, item, f"data config, path[{index}]")
+            for index, item in enumerate(self.path)
+        ]
+
+    def for_source(self, source: DataSource) -> DataConfig:
+        """The settings one source is read with: its own path, split, format, columns and limit."""
+        own_format = source.format is not None or source.columns is not None
+        return replace(
+            self,
+            path=source.path,
+            split=source.split or self.split,
+            format=(source.format or "auto") if own_format else self.format,
+            columns=source.columns if own_format else self.columns,
+            limit=source.limit,
+        )
+
+
+def _plain_source(item: Any, index: int) -> str | dict[str, Any]:
+    """An item of a `path` list as plain data (a path, or a mapping of `DataSource` fields)."""
+    if isinstance(item, DataSource):
+        return {f.name: getattr(item, f.name) for f in fields(item)}
+    if isinstance(item, os.PathLike):
+        return os.fspath(item)
+    if isinstance(item, (str, Mapping)):
+        return item if isinstance(item, str) else dict(item)
+    config_error(
+        f"path[{index}]", f"{item!r} must be a path or a mapping such as {{path: a.jsonl, weight: 2}}"
+    )
+
 
 @dataclass
 class Sample:
@@ -126,19 +230,31 @@ class Sample:
 
 @dataclass
 class DataStats:
-    """What happened to the rows on their way to samples."""
+    """What happened to the rows on their way to samples; with several sources, the totals and `sources`
+    (each source's own stats, its `samples` counted after its limit and weight)."""
 
     rows: int
     samples: int = 0
     dropped_empty: int = 0
     dropped_overlong: int = 0
     truncated: int = 0
+    path: str | None = field(default=None, compare=False)
+    weight: float = field(default=1.0, compare=False)
+    sources: list[DataStats] = field(default_factory=list)
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"{self.rows} rows -> {self.samples} samples (dropped: {self.dropped_empty} empty, "
             f"{self.dropped_overlong} too long; truncated: {self.truncated})"
         )
+        if self.sources:
+            parts = "; ".join(
+                f"{source.path}: {source.rows} rows -> {source.samples} samples"
+                + (f" (weight {source.weight:g})" if source.weight != 1 else "")
+                for source in self.sources
+            )
+            text += f" from {len(self.sources)} sources ({parts})"
+        return text
 
 
 def load_dataset_samples(
@@ -146,11 +262,55 @@ def load_dataset_samples(
 ) -> tuple[list[Sample], DataStats]:
     """Read `config.path` and turn it into samples; see `load_records` and `build_samples`.
 
+    With several sources (`path` a list), each is read with its own format and limit, its samples repeated
+    or thinned by its weight, and the mix (in source order) cut to `config.limit`; the stats count each
+    source's rows and samples.
+
     Example:
-        >>> config = DataConfig("../shared/data/gsm8k/train.jsonl", limit=100)  # doctest: +SKIP
-        >>> samples, stats = load_dataset_samples(config, tokenizer)  # doctest: +SKIP
+        >>> config = DataConfig("../shared/data/instruct/alpaca_gpt4_999.json", limit=100)
+        >>> samples, stats = load_dataset_samples(config, tokenizer)
+        >>> print(stats)
+        999 rows -> 100 samples (dropped: 0 empty, 400 too long; truncated: 0)
+        >>> tokenizer.decode(samples[0].prompt_ids), tokenizer.decode(samples[0].answer_ids)
+        ('<s> Question: Generate a one-sentence title for a creative recipe.\\n\\nAnswer:',
+         '"Rainbow Veggie Hummus Wrap: A Colorful and Nutritious Meal"</s>')
     """
-    return build_samples(load_records(config.path, config.split), tokenizer, config)
+    if isinstance(config.path, str):
+        return build_samples(load_records(config.path, config.split), tokenizer, config)
+    mixed: list[Sample] = []
+    stats = DataStats(rows=0)
+    for index, source in enumerate(config.sources):
+        part = config.for_source(source)
+        samples, part_stats = build_samples(load_records(part.path, part.split), tokenizer, part)
+        samples = _weighted(samples, source.weight, random.Random(config.seed * 1000 + index))
+        if not samples:
+            raise BituneInputError(
+                f"{source.path}: weight {source.weight} keeps none of its {part_stats.samples} samples; raise it"
+            )
+        part_stats.samples, part_stats.weight = len(samples), source.weight
+        stats.sources.append(part_stats)
+        mixed.extend(samples)
+        for name in ("rows", "dropped_empty", "dropped_overlong", "truncated"):
+            setattr(stats, name, getattr(stats, name) + getattr(part_stats, name))
+    mixed = random_subset(mixed, config.limit, config.seed)
+    stats.samples = len(mixed)
+    logger.info("data mix: %s", stats)
+    return mixed, stats
+
+
+def _weighted(samples: list[Sample], weight: float, rng: random.Random) -> list[Sample]:
+    """Every sample `int(weight)` times, then a random share `weight - int(weight)` of them once more."""
+    whole, share = int(weight), weight - int(weight)
+    extra = sorted(rng.sample(range(len(samples)), round(share * len(samples))))
+    return samples * whole + [samples[i] for i in extra]
+
+
+def random_subset(items: list[T], limit: int | None, seed: int) -> list[T]:
+    """A random `limit` of `items` in their order (all of them when `limit` is None or not smaller)."""
+    if limit is None or limit >= len(items):
+        return items
+    kept = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in kept]
 
 
 def build_samples(
@@ -163,9 +323,11 @@ def build_samples(
 
     Example:
         >>> records = [Record("doc, row 0", {"instruction": "Add 2 and 3.", "input": "", "output": "5"})]
-        >>> samples, stats = build_samples(records, tokenizer, DataConfig("doc"))  # doctest: +SKIP
-        >>> tokenizer.decode(samples[0].prompt_ids + samples[0].answer_ids)  # doctest: +SKIP
-        '<s>Question: Add 2 and 3.\\n\\nAnswer: 5</s>'
+        >>> samples, stats = build_samples(records, tokenizer, DataConfig("doc"))
+        >>> tokenizer.decode(samples[0].prompt_ids + samples[0].answer_ids)
+        '<s> Question: Add 2 and 3.\\n\\nAnswer: 5</s>'
+        >>> tokenizer.convert_ids_to_tokens(samples[0].answer_ids)  # " 5" and EOS
+        ['▁', '5', '</s>']
     """
     if not records:
         raise BituneInputError(f"{config.path}: no rows to build samples from")
@@ -173,12 +335,12 @@ def build_samples(
         raise BituneInputError(
             "the tokenizer has no EOS token; set tokenizer.eos_token (answers must end with it)"
         )
-    if config.template == "chat" and not tokenizer.chat_template:
+    if config.template == "chat" and not (config.chat_template or tokenizer.chat_template):
         raise BituneInputError(
-            "template 'chat' needs a tokenizer with a chat template; set tokenizer.chat_template, or use "
-            "template 'plain' or a template string containing {prompt}"
+            "template 'chat': the tokenizer has no chat template; set data.chat_template (a name such as "
+            "chatml or zephyr, or Jinja text), or use template 'plain' or a template string containing {prompt}"
         )
-    stats = DataStats(rows=len(records))
+    stats = DataStats(rows=len(records), path=config.path)
     read = format_reader(config.format, config.columns, records[0])
     examples = []
     for record in records:
@@ -189,7 +351,10 @@ def build_samples(
                 raise
             stats.dropped_empty += 1
     if config.template == "chat":
-        prompts, separator = [_render_chat(example, tokenizer) for example in examples], ""
+        prompts, separator = (
+            [_render_chat(example, tokenizer, config.chat_template) for example in examples],
+            "",
+        )
     else:
         template = PLAIN_TEMPLATE if config.template == "plain" else config.template
         prompts = [_render_text(example, template) for example in examples]
@@ -197,9 +362,7 @@ def build_samples(
         separator = "" if template[-1].isspace() else " "
     samples = _tokenize(examples, prompts, [separator + example.answer for example in examples], tokenizer)
     samples = _apply_length_policy(samples, config, stats, tokenizer.bos_token_id)
-    if config.limit is not None and config.limit < len(samples):
-        kept = sorted(random.Random(config.seed).sample(range(len(samples)), config.limit))
-        samples = [samples[i] for i in kept]
+    samples = random_subset(samples, config.limit, config.seed)
     stats.samples = len(samples)
     _log(stats, config)
     if not samples:
@@ -242,15 +405,11 @@ def _render_text(example: Example, template: str) -> str:
     return template.replace("{prompt}", example.turns[0]["content"])
 
 
-def _render_chat(example: Example, tokenizer: PreTrainedTokenizerBase) -> str:
-    from jinja2 import TemplateError  # chat templates need jinja2 (transformers imports it the same way)
-
+def _render_chat(example: Example, tokenizer: PreTrainedTokenizerBase, chat_template: str | None) -> str:
     try:
-        return tokenizer.apply_chat_template(example.turns, tokenize=False, add_generation_prompt=True)
-    except TemplateError as error:
-        raise BituneInputError(
-            f"{example.location}: the tokenizer's chat template rejects this conversation ({error}); fix the row"
-        ) from None
+        return render_chat(example.turns, tokenizer, chat_template)
+    except BituneInputError as error:
+        raise BituneInputError(f"{example.location}: {error}; fix the row") from None
 
 
 def _tokenize(

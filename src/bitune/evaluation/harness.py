@@ -14,8 +14,19 @@ tokenizer comes from the checkpoint (or adapter) folder when it holds one, else 
 continuations are scored from that cache (`bitune.evaluation.scoring`).
 
 Python:
-    >>> import lm_eval, bitune.evaluation.harness  # doctest: +SKIP
+    >>> import lm_eval, bitune.evaluation.harness
     >>> lm_eval.simple_evaluate(model="bitune", model_args="pretrained=BASE,bitune=CKPT", tasks=["piqa"])  # doctest: +SKIP
+
+or, request by request, with lm-eval's model API:
+    >>> from lm_eval.api.instance import Instance
+    >>> from lm_eval.api.registry import get_model
+    >>> lm = get_model("bitune").create_from_arg_string(f"pretrained={base},bitune={checkpoint},device=cpu")
+    >>> request = Instance("loglikelihood", doc={}, arguments=("Once upon a time", ", there was"), idx=0)
+    >>> lm.loglikelihood([request], disable_tqdm=True)  # (log-probability, is it the greedy continuation?)
+    [(-0.1..., True)]
+    >>> request = Instance("generate_until", doc={}, arguments=("Once upon a time", {"until": ["."]}), idx=0)
+    >>> lm.generate_until([request], disable_tqdm=True)
+    [', there was a little girl named Lily']
 """
 
 from __future__ import annotations

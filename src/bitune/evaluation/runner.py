@@ -4,10 +4,19 @@ Scores (acc and acc_norm; strict and flexible match for generation tasks) come w
 (MMLU: per subject, micro and macro average) and averaged over tasks. `run_evaluation` writes them as JSON,
 with per-sample predictions beside it on request; `bitune eval` (`bitune.cli.eval`) is its command line.
 
-Example:
-    >>> evaluation, written = run_evaluation(["piqa", "arc_easy"], checkpoint="runs/bitune/final",
-    ...     data_dir="../shared/data", output=Path("scores.json"))  # doctest: +SKIP
-    >>> print(evaluation.table())  # doctest: +SKIP
+Example (4 questions per task; `checkpoint` holds untrained adapters, so the scores are chance level):
+    >>> evaluation, written = run_evaluation(["piqa", "arc_easy"], checkpoint=checkpoint, device="cpu",
+    ...     data_dir="../shared/data", limit=4, output=tmp / "scores.json", progress=False)
+    >>> print(evaluation.table())
+    task      metric     value  stderr  n
+    piqa      acc       0.5000  0.2887  4
+              acc_norm  0.5000  0.2887  4
+    arc_easy  acc       0.0000  0.0000  4
+              acc_norm  0.2500  0.2500  4
+    average   acc       0.2500  0.1443  8
+              acc_norm  0.3750  0.1909  8
+    >>> [path.name for path in written]
+    ['scores.json']
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bitune._version import __version__
+from bitune.core.loading import quantization_of
 from bitune.core.plain import ScoringModel
 from bitune.core.pretrained import load_for_inference
 from bitune.errors import BituneInputError
@@ -87,9 +97,12 @@ def evaluate(
     Example:
         >>> from bitune.evaluation.tasks import load_task
         >>> from bitune.core.pretrained import load_for_inference
-        >>> model, tokenizer = load_for_inference(checkpoint="runs/bitune/final")  # doctest: +SKIP
-        >>> tasks = [load_task("piqa", data_dir="../shared/data", limit=100)]  # doctest: +SKIP
-        >>> print(evaluate(model, tokenizer, tasks).table())  # doctest: +SKIP
+        >>> model, tokenizer = load_for_inference(checkpoint=checkpoint, device="cpu")
+        >>> tasks = [load_task("piqa", data_dir="../shared/data", limit=10)]
+        >>> print(evaluate(model, tokenizer, tasks, progress=False).table())
+        task  metric     value  stderr   n
+        piqa  acc       0.5000  0.1667  10
+              acc_norm  0.6000  0.1633  10
     """
     max_length = context_window(model.config, tokenizer)
     results, samples = [], {}
@@ -105,6 +118,7 @@ def evaluate(
                         "id": item.id,
                         "context": item.context,
                         "choices": item.choices,
+                        **({"continuation": item.continuation} if item.continuation is not None else {}),
                         "gold": item.gold,
                         "loglikelihoods": lls,
                         "is_greedy": [score.is_greedy for score in item_scores],
@@ -149,7 +163,9 @@ def load_tasks(
     """The tasks called `names` (built-in names or task spec files); `files` maps a task to its data file.
 
     Example:
-        >>> tasks = load_tasks(["piqa", "gsm8k"], data_dir="../shared/data", limit=100)  # doctest: +SKIP
+        >>> tasks = load_tasks(["piqa", "gsm8k"], data_dir="../shared/data", limit=100)
+        >>> [(task.name, task.kind, len(task.items)) for task in tasks]
+        [('piqa', 'multiple_choice', 100), ('gsm8k', 'generation', 100)]
     """
     files = dict(files or {})
     return [
@@ -178,6 +194,7 @@ def run_evaluation(
     tokenizer: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    quantization: str | None = None,
     data_dir: str | Path | None = None,
     task_files: Mapping[str, str | Path] | None = None,
     style: str = "full",
@@ -205,6 +222,7 @@ def run_evaluation(
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
+        quantization=quantization,
     )
     evaluation = evaluate(
         model,
@@ -222,6 +240,7 @@ def run_evaluation(
             "peft_adapter": _text(peft_adapter),
             "mode": getattr(getattr(model, "bitune_config", None), "mode", "plain"),
             "dtype": dtype,
+            "quantization": quantization_of(model.base_model),
         },
         "tasks": {
             task.name: {"source": task.source, "split": task.split, "items": len(task.items)}

@@ -76,8 +76,13 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     the tokenizer adds its special tokens (BOS) as usual (`bitune.core.prompts.encode_prompts`). An empty context becomes the BOS (or EOS) token.
 
     Example:
-        >>> encode_pair(tokenizer, "Question: 2+2?\\nAnswer:", " 4")  # doctest: +SKIP
-        ([1, 894, 29901, ...], [29871, 29946])
+        >>> context, continuation = encode_pair(tokenizer, "Question: 2+2?\\nAnswer:", " 4")
+        >>> context[:2], tokenizer.convert_ids_to_tokens(continuation)
+        ([1, 410], ['▁', '4'])
+        >>> encode_pair(tokenizer, "Once upon a time ", "there was")  # the space moves to the continuation
+        ([1, 403, 407, 261, 378], [383, 286])
+        >>> encode_pair(tokenizer, "Once upon a time", " there was")
+        ([1, 403, 407, 261, 378], [383, 286])
     """
     if not context:
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
@@ -207,16 +212,21 @@ def score_multiple_choice(
     max_length: int | None = None,
     progress: bool = True,
 ) -> list[list[Loglikelihood]]:
-    """Per item, the `Loglikelihood` of each option's continuation after the item's context.
+    """Per item, the `Loglikelihood` of each option's continuation after its context (`item.requests`).
 
     Example:
         >>> from bitune.evaluation.tasks import load_task
-        >>> task = load_task("arc_easy", data_dir="../shared/data", limit=4)  # doctest: +SKIP
-        >>> score_multiple_choice(model, tokenizer, task.items)[0]  # doctest: +SKIP
-        [Loglikelihood(logprob=-41.2, is_greedy=False), ...]
+        >>> task = load_task("arc_easy", data_dir="../shared/data", limit=4)
+        >>> scores = score_multiple_choice(model, tokenizer, task.items, progress=False)
+        >>> scores[0][0]
+        Loglikelihood(logprob=-143.8..., is_greedy=False)
+        >>> [round(score.logprob, 1) for score in scores[0]], task.items[0].gold
+        ([-143.8, -117.5, -101.0, -115.8], 0)
     """
     requests = [
-        encode_pair(tokenizer, item.context, option) for item in items for option in item.continuations
+        encode_pair(tokenizer, context, continuation)
+        for item in items
+        for context, continuation in item.requests
     ]
     scores = loglikelihoods(
         model,
@@ -254,9 +264,9 @@ def generate_until(
     a prompt keeps its last `max_length - max_new_tokens` tokens.
 
     Example:
-        >>> generate_until(model, tokenizer, ["Question: 2+2?\\nAnswer:"], stop_sequences=["Question:"],
-        ...                max_new_tokens=16)  # doctest: +SKIP
-        [' 4']
+        >>> generate_until(model, tokenizer, ["Once upon a time", "The cat"], stop_sequences=["."],
+        ...                max_new_tokens=16, progress=False)
+        [', there was a little girl named Lily', 'and a boy were playing in the park']
     """
     eos = tokenizer.decode(tokenizer.eos_token_id, skip_special_tokens=False)
     stops = [*stop_sequences, *([eos] if eos and eos not in stop_sequences else [])]

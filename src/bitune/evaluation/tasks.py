@@ -1,7 +1,8 @@
 """Evaluation tasks: benchmark rows (local files or the Hugging Face hub) turned into items a model can score.
 
 A multiple-choice item is one context and several continuations: the scorer encodes the context once and scores
-every continuation (`" " + option`). A generation item is a prompt and the reference final answer.
+every continuation (`" " + option`); or, for "partial" scoring (WinoGrande), one context per option and a
+shared continuation scored after each. A generation item is a prompt and the reference final answer.
 
 Two prompt styles:
 
@@ -12,7 +13,8 @@ Two prompt styles:
   (its task YAMLs' ``doc_to_text``, ``doc_to_choice``, ``description`` and ``target_delimiter``), so that
   results compare with published lm-eval numbers.
 
-Your own task needs no code: a small YAML or JSON spec names the fields of a local file (see `load_task`).
+Your own task needs no code: a small YAML or JSON spec names the fields of a local file (see `load_task` and
+docs/tasks.md, one example per task shape).
 
 Example (from the repository root):
     >>> task = load_task("arc_easy", data_dir="../shared/data", limit=2)
@@ -61,7 +63,18 @@ MAX_NEW_TOKENS = 256
 
 @dataclass
 class MultipleChoiceItem:
-    """A context and its options; `continuations[i]` is what the model scores after `context`."""
+    """A context and its options; `requests[i]` is the (context, continuation) the model scores for option i.
+
+    Partial scoring (`continuation` set; WinoGrande, lm-eval's "multiple input" tasks): each option is its own
+    context (`choices[i]`, e.g. the sentence up to the blank with the option filled in), `context` is empty,
+    and every option scores the same `continuation` (the rest of the sentence).
+
+    Example:
+        >>> MultipleChoiceItem("0", "Q: 2+2?\\nA:", ["4", "5"], 0).requests
+        [('Q: 2+2?\\nA:', ' 4'), ('Q: 2+2?\\nA:', ' 5')]
+        >>> MultipleChoiceItem("1", "", ["Ann ate because Ann", "Ann ate because Bob"], 0, continuation="was hungry.").requests
+        [('Ann ate because Ann', ' was hungry.'), ('Ann ate because Bob', ' was hungry.')]
+    """
 
     id: str
     context: str
@@ -69,10 +82,18 @@ class MultipleChoiceItem:
     choices: list[str]
     gold: int
     group: str | None = None  # e.g. the MMLU subject
+    continuation: str | None = None  # partial scoring: the text every option's context is scored on
+
+    @property
+    def requests(self) -> list[tuple[str, str]]:
+        """Per option, the context and the continuation scored after it (as lm-eval builds them)."""
+        if self.continuation is None:
+            return [(self.context, TARGET_DELIMITER + choice) for choice in self.choices]
+        return [(self.context + choice, TARGET_DELIMITER + self.continuation) for choice in self.choices]
 
     @property
     def continuations(self) -> list[str]:
-        return [TARGET_DELIMITER + choice for choice in self.choices]
+        return [continuation for _, continuation in self.requests]
 
 
 @dataclass
@@ -121,8 +142,18 @@ class _Spec:
     group: str | None = None
     # Generation: the target is the answer's text after its last delimiter (GSM8K: "####").
     answer_delimiter: str | None = None
-    template: str | None = None  # a custom prompt with {question} (and {choices}); replaces the style
+    template: str | None = (
+        None  # a custom prompt with {question} (and {choices}), or Jinja; replaces the style
+    )
     data: Path | None = None
+    fixed_choices: tuple[str, ...] | None = None  # the same options for every row
+    blank: str | None = None  # partial scoring: each option fills this blank of the question
+    choice_template: str | None = None  # Jinja over the row and `choice`: how each option reads
+
+    @property
+    def jinja(self) -> bool:
+        """Whether `template` is Jinja (over the row's fields) rather than {question}/{choices} placeholders."""
+        return self.template is not None and is_jinja(self.template)
 
 
 @dataclass(frozen=True)
@@ -252,22 +283,30 @@ def load_task(
         style: "full" (the Bitune paper's prompts, options listed) or "plain" (lm-eval's prompts).
         limit: read only the first `limit` rows, like lm-eval's `--limit`.
 
-    A task spec names the fields of a local file; unknown keys are errors::
+    A task spec names the fields of a local file; unknown keys are errors (docs/tasks.md has one example per
+    task shape: options in the row, fixed options, a blank to fill, HellaSwag-style endings, generation)::
 
         name: my_quiz                  # default: the spec file's name
         kind: multiple_choice          # or generation
         data: quiz.jsonl               # relative to the spec file
         question: question             # a field, or a list of fields joined with a space
         choices: options               # a field holding a list, or a list of fields (one per option)
+        fixed_choices: [no, yes]       # or: the same options for every row (instead of choices)
         answer: label                  # the correct option: its 0-based index, or its label when `labels` is set
         labels: [A, B, C, D]           # optional: the options' labels, or a field holding them (choices.label)
         num_choices: 4                 # optional: the exact number of options every row must have
         group: subject                 # optional: report per value of this field (like MMLU subjects)
         answer_delimiter: "####"       # generation, optional: the target is the answer's text after this
         template: "Q: {question}\\nOptions:\\n{choices}\\nA:"   # optional; replaces the style's prompt
+        template: "{{passage}}\\nQuestion: {{question}}?\\nAnswer:"   # or Jinja over the row, as lm-eval's doc_to_text
+        choice_template: "{{choice | trim}}"   # optional, Jinja over the row and `choice`: each option's text
+        blank: "_"                     # optional: partial scoring (WinoGrande): each option fills the question's
+                                       #   blank, and is scored on the rest of the question after it
 
-    Dotted names (`choices.text`) reach into nested objects. A generation task's answers are numbers, scored
-    like GSM8K (see `bitune.evaluation.metrics.generation_scores`).
+    Dotted names (`choices.text`) reach into nested objects. A template containing `{{` or `{%` is Jinja (with
+    lm-eval's `regex_replace` filter), else `{question}`/`{choices}` placeholders. In spec files `yes`, `no`,
+    `on` and `off` are text, not YAML booleans (only `true` and `false` are). A generation task's answers are
+    numbers, scored like GSM8K (see `bitune.evaluation.metrics.generation_scores`).
 
     Raises:
         BituneInputError: unknown task, unreadable spec, or a malformed row (the message names file, line, field).
@@ -331,10 +370,28 @@ def load_task(
 def _multiple_choice_item(
     index: int, row: _Row, spec: _Spec, style: str, plain: Callable[[_Question], tuple[str, list[str]]] | None
 ) -> MultipleChoiceItem:
-    options = _options(row, spec)
+    options = list(spec.fixed_choices) if spec.fixed_choices is not None else _options(row, spec)
+    if spec.choice_template is not None:
+        options = [row.render(spec.choice_template, "choice_template", choice=option) for option in options]
+        for number, option in enumerate(options, 1):
+            if not option:
+                raise row.error("choice_template", f"option {number} renders empty")
     gold = _gold_index(row, spec, len(options))
-    question = _Question(_question_text(row, spec), options, row.text(spec.group) if spec.group else None)
-    if spec.template is not None:
+    group = row.text(spec.group) if spec.group else None
+    text = row.render(spec.template, "template") if spec.jinja else _question_text(row, spec)
+    if spec.blank is not None:  # partial scoring: one context per option, one shared continuation
+        where = "template" if spec.jinja else ", ".join(spec.question)
+        if spec.blank not in text:
+            raise row.error(where, f"no blank {spec.blank!r} in {text!r}")
+        before, _, after = text.partition(spec.blank)
+        contexts = [before + option for option in options]
+        return MultipleChoiceItem(
+            f"{spec.name}-{index}", "", contexts, gold, group, continuation=after.strip()
+        )
+    question = _Question(text, options, group)
+    if spec.jinja:
+        context, choices = text, options
+    elif spec.template is not None:
         context, choices = spec.template.format(question=question.text, choices="\n".join(options)), options
     elif style == "full":
         listing = "\n".join(options)
@@ -345,8 +402,10 @@ def _multiple_choice_item(
 
 
 def _generation_item(index: int, row: _Row, spec: _Spec, style: str) -> GenerationItem:
-    question = _question_text(row, spec)
-    if spec.template is not None:
+    question = "" if spec.jinja else _question_text(row, spec)
+    if spec.jinja:
+        prompt = row.render(spec.template, "template")
+    elif spec.template is not None:
         prompt = spec.template.format(question=question)
     elif style == "full":
         prompt = render_prompt(question.strip(), "plain")  # the training template
@@ -370,6 +429,14 @@ def _question_text(row: _Row, spec: _Spec) -> str:
 
 
 def _options(row: _Row, spec: _Spec) -> list[str]:
+    if isinstance(spec.choices, tuple):
+        for name in spec.choices:
+            if not row.has(name):
+                raise row.error(
+                    name,
+                    "missing (choices names the fields holding the options; for the same option texts in "
+                    f"every row write fixed_choices: [{', '.join(spec.choices)}])",
+                )
     options = row.texts(spec.choices)
     where = spec.choices if isinstance(spec.choices, str) else ", ".join(spec.choices)
     if spec.num_choices is not None and len(options) != spec.num_choices:
@@ -423,6 +490,22 @@ class _Row:
             value = value[key]
         return value
 
+    def has(self, field: str) -> bool:
+        try:
+            self.value(field)
+        except BituneInputError:
+            return False
+        return True
+
+    def render(self, template: str, key: str, **extra: Any) -> str:
+        """A Jinja template (of the spec's `key`) over this row's fields (and `extra`)."""
+        from jinja2 import TemplateError
+
+        try:
+            return _jinja_template(template).render(**{**self.fields, **extra})
+        except TemplateError as error:
+            raise self.error(key, f"the Jinja template fails on this row ({error})") from None
+
     def text(self, field: str) -> str:
         value = self.value(field)
         if not isinstance(value, str):
@@ -443,6 +526,32 @@ def _read_file(path: Path, limit: int | None) -> list[_Row]:
     if not path.is_file():  # checked here: `load_records` would try the hub for an unknown name
         raise BituneInputError(f"{path}: no such data file; check the path or data_dir.")
     return [_Row(record.fields, record.location) for record in load_records(path)[:limit]]
+
+
+def is_jinja(template: str) -> bool:
+    """Whether a spec's template is Jinja (it holds `{{` or `{%`) rather than `{question}` placeholders."""
+    return "{{" in template or "{%" in template
+
+
+def _jinja_environment():
+    """lm-eval's Jinja set-up (undefined names are errors, trailing newlines kept, `regex_replace`), sandboxed."""
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    environment = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+    environment.filters["regex_replace"] = lambda text, pattern, replacement, count=0: re.sub(
+        pattern, replacement, text, count=count
+    )
+    return environment
+
+
+_JINJA_TEMPLATES: dict[str, Any] = {}
+
+
+def _jinja_template(text: str):
+    if text not in _JINJA_TEMPLATES:
+        _JINJA_TEMPLATES[text] = _jinja_environment().from_string(text)
+    return _JINJA_TEMPLATES[text]
 
 
 def _read_hub(hub: _Hub, split: str, limit: int | None) -> list[_Row]:
@@ -474,6 +583,9 @@ _SPEC_KEYS = (
     "group",
     "answer_delimiter",
     "template",
+    "fixed_choices",
+    "choice_template",
+    "blank",
 )
 _TASK_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -488,13 +600,17 @@ def _read_spec(path: Path) -> _Spec:
             raise fail(key, f"expected a field name or a list of field names, got {value!r}")
         return tuple(listed)
 
-    raw = read_yaml_mapping(path, "task spec file", f"keys ({', '.join(_SPEC_KEYS)})")
+    raw = read_yaml_mapping(path, "task spec file", f"keys ({', '.join(_SPEC_KEYS)})", yes_no_text=True)
     for key in raw:
         if key not in _SPEC_KEYS:
             raise fail(key, f"unknown key; the keys are {', '.join(_SPEC_KEYS)}")
-    for key in ("data", "question", "answer"):
+    template = raw.get("template")
+    if template is not None and not isinstance(template, str):
+        raise fail("template", f"expected text, got {template!r}")
+    jinja = template is not None and is_jinja(template)
+    for key in ("data", "answer") if jinja else ("data", "question", "answer"):
         if raw.get(key) is None:
-            raise fail(key, "required")
+            raise fail(key, "required" + ("" if key != "question" else " (unless template is Jinja)"))
 
     kind = raw.get("kind", MULTIPLE_CHOICE)
     if kind not in (MULTIPLE_CHOICE, GENERATION):
@@ -508,12 +624,28 @@ def _read_spec(path: Path) -> _Spec:
         raise fail("answer", f"expected a field name, got {raw['answer']!r}")
 
     choices: str | tuple[str, ...] = ()
+    fixed: tuple[str, ...] | None = None
     labels: str | tuple[str, ...] | None = None
     num_choices = raw.get("num_choices")
     if kind == MULTIPLE_CHOICE:
-        if raw.get("choices") is None:
-            raise fail("choices", "required for a multiple_choice task")
-        choices = raw["choices"] if isinstance(raw["choices"], str) else names("choices", raw["choices"])
+        if (raw.get("choices") is None) == (raw.get("fixed_choices") is None):
+            raise fail(
+                "choices",
+                "a multiple_choice task needs choices (the field(s) holding each row's options) or "
+                "fixed_choices (the same option texts for every row), one of the two",
+            )
+        if raw.get("fixed_choices") is not None:
+            fixed = _fixed_choices(raw["fixed_choices"], fail)
+        elif isinstance(raw["choices"], str):
+            choices = raw["choices"]
+        elif isinstance(raw["choices"], list) and any(isinstance(c, bool) for c in raw["choices"]):
+            raise fail(
+                "choices",
+                f"{raw['choices']!r} holds YAML booleans, not field names; for the same option texts in every "
+                'row write fixed_choices: ["false", "true"] (quoted)',
+            )
+        else:
+            choices = names("choices", raw["choices"])
         labels = raw.get("labels")
         if isinstance(labels, list) and labels and all(isinstance(label, str | int) for label in labels):
             labels = tuple(str(label) for label in labels)  # compared as text with each row's answer
@@ -522,7 +654,7 @@ def _read_spec(path: Path) -> _Spec:
         if num_choices is not None and (isinstance(num_choices, bool) or not isinstance(num_choices, int)):
             raise fail("num_choices", f"expected a whole number, got {num_choices!r}")
     else:
-        for key in ("choices", "labels", "num_choices"):
+        for key in ("choices", "fixed_choices", "labels", "num_choices", "choice_template", "blank"):
             if key in raw:
                 raise fail(key, "only for multiple_choice tasks")
     if raw.get("group") is not None and not isinstance(raw["group"], str):
@@ -531,8 +663,20 @@ def _read_spec(path: Path) -> _Spec:
     if delimiter is not None and (kind != GENERATION or not isinstance(delimiter, str) or not delimiter):
         raise fail("answer_delimiter", "a non-empty text, for generation tasks only")
 
-    template = raw.get("template")
-    if template is not None:
+    for key in ("choice_template", "blank"):
+        if raw.get(key) is not None and (not isinstance(raw[key], str) or not raw[key]):
+            raise fail(key, f"expected a non-empty text, got {raw[key]!r}")
+    for key in ("template", "choice_template") if jinja else ("choice_template",):
+        if raw.get(key) is not None:
+            from jinja2 import TemplateError
+
+            try:
+                _jinja_template(raw[key])
+            except TemplateError as err:
+                raise fail(key, f"not a valid Jinja template ({err})") from None
+    if raw.get("blank") is not None and template is not None and not jinja:
+        raise fail("template", "with blank, use a Jinja template (the text that holds the blank) or none")
+    if template is not None and not jinja:
         allowed = ("question", "choices") if kind == MULTIPLE_CHOICE else ("question",)
         try:
             used = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
@@ -546,7 +690,7 @@ def _read_spec(path: Path) -> _Spec:
     return _Spec(
         name=name,
         kind=kind,
-        question=names("question", raw["question"]),
+        question=names("question", raw["question"]) if raw.get("question") is not None else (),
         answer=raw["answer"],
         choices=choices,
         labels=labels,
@@ -555,7 +699,27 @@ def _read_spec(path: Path) -> _Spec:
         answer_delimiter=delimiter,
         template=template,
         data=path.parent / raw["data"],
+        fixed_choices=fixed,
+        blank=raw.get("blank"),
+        choice_template=raw.get("choice_template"),
     )
+
+
+def _fixed_choices(value: Any, fail: Callable[[str, str], BituneInputError]) -> tuple[str, ...]:
+    """`fixed_choices` as texts: numbers become text; YAML booleans are refused (their spelling is lost)."""
+    if not isinstance(value, list) or len(value) < 2:
+        raise fail("fixed_choices", f"expected a list of at least 2 option texts, got {value!r}")
+    texts = []
+    for option in value:
+        if isinstance(option, bool):
+            raise fail(
+                "fixed_choices",
+                f'{option!r} was read as a boolean; quote the option texts (fixed_choices: ["false", "true"])',
+            )
+        if not isinstance(option, str | int | float) or not str(option):
+            raise fail("fixed_choices", f"expected option texts, got {option!r}")
+        texts.append(str(option))
+    return tuple(texts)
 
 
 # ---------------------------------------------------------------------------------------------- lm-eval export
@@ -638,9 +802,29 @@ def export_lm_eval_task(task: Task, folder: str | Path, *, task_name: str | None
 
 def _write_lm_eval_task(task: Task, items: list, folder: Path, name: str, alias: str | None = None) -> None:
     data_file = folder / f"{name}.jsonl"
-    if task.kind == MULTIPLE_CHOICE:
-        records = [{"id": i.id, "context": i.context, "choices": i.choices, "gold": i.gold} for i in items]
+    if task.kind == MULTIPLE_CHOICE and items and items[0].continuation is not None:
+        # lm-eval's "multiple input" tasks (WinoGrande): `doc_to_text` gives the gold index, `doc_to_choice`
+        # one context per option, `doc_to_target` the continuation all of them are scored on.
+        records = [
+            {
+                "id": i.id,
+                "choices": [i.context + c for c in i.choices],
+                "gold": i.gold,
+                "continuation": i.continuation,
+            }
+            for i in items
+        ]
         fields: dict[str, Any] = {
+            "output_type": "multiple_choice",
+            "doc_to_text": "gold",
+            "doc_to_choice": "choices",
+            "doc_to_target": "continuation",
+            "target_delimiter": TARGET_DELIMITER,
+            "metric_list": _MULTIPLE_CHOICE_METRICS,
+        }
+    elif task.kind == MULTIPLE_CHOICE:
+        records = [{"id": i.id, "context": i.context, "choices": i.choices, "gold": i.gold} for i in items]
+        fields = {
             "output_type": "multiple_choice",
             "doc_to_text": "context",  # a column name: lm-eval returns the field unchanged
             "doc_to_choice": "choices",

@@ -131,9 +131,14 @@ def evaluate_model(
     """Scores of `model` on `tasks`: per task its metrics (value, stderr, n) and every item's scores.
 
     Example:
-        >>> scores = evaluate_model(model, tokenizer, tasks, experiment.evaluation)  # doctest: +SKIP
-        >>> scores["arc_challenge"]["items"]["acc"][:3]  # doctest: +SKIP
-        [1.0, 0.0, 0.0]
+        >>> from bitune.experiments.settings import EvaluationSettings
+        >>> settings = EvaluationSettings(tasks=["arc_challenge"], batch_size=4)  # the tasks: below
+        >>> tasks = [EvaluationTask(load_task("arc_challenge", data_dir="../shared/data", limit=4), "acc")]
+        >>> scores = evaluate_model(model, tokenizer, tasks, settings)
+        >>> scores["arc_challenge"]["metrics"]["acc"]
+        {'value': 0.25, 'stderr': 0.25, 'n': 4}
+        >>> scores["arc_challenge"]["items"]["acc"]  # per question, for the paired test of the report
+        [1.0, 0.0, 0.0, 0.0]
     """
     benchmarks = [task.task for task in tasks if isinstance(task.task, Task)]
     results: dict[str, tuple[TaskResult, list[dict[str, Any]]]] = {}

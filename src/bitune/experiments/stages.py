@@ -75,8 +75,14 @@ def write_synthetic_data(settings: SyntheticSettings, folder: Path) -> None:
 def ultrafeedback_rows(settings: UltraFeedbackSettings) -> list[dict[str, str]]:
     """Prompt/completion rows: each UltraFeedback instruction with the first completion by `settings.model`.
 
-    Example:
-        >>> rows = ultrafeedback_rows(UltraFeedbackSettings())  # doctest: +SKIP (downloads the data set)
+    Example (a local file in UltraFeedback's schema; `UltraFeedbackSettings()` reads the hub data set):
+        >>> import json
+        >>> from bitune.experiments.settings import UltraFeedbackSettings
+        >>> row = {"instruction": "Name a colour.", "completions": [
+        ...     {"model": "falcon-40b", "response": "Red."}, {"model": "gpt-4", "response": "Blue."}]}
+        >>> _ = (tmp / "ultrafeedback.jsonl").write_text(json.dumps(row) + "\\n")
+        >>> ultrafeedback_rows(UltraFeedbackSettings(path=str(tmp / "ultrafeedback.jsonl")))
+        [{'prompt': 'Name a colour.', 'completion': 'Blue.'}]
     """
     rows = []
     for record in load_records(settings.path, settings.split):
@@ -109,8 +115,12 @@ def pretrain_base_model(settings: PretrainSettings, folder: Path, device: torch.
     Plain AdamW with warmup and cosine decay, batches of whole stories drawn at random; the loss every 50
     steps goes to `pretrain_metrics.jsonl`.
 
-    Example:
-        >>> pretrain_base_model(PretrainSettings(stories=200, steps=10), Path("runs/tiny-base"))  # doctest: +SKIP
+    Example (a token run: 2 steps on 20 stories):
+        >>> from bitune.experiments.settings import PretrainSettings
+        >>> pretrain_base_model(PretrainSettings(stories=20, steps=2, batch_size=4), tmp / "tiny-base")
+        >>> sorted(path.name for path in (tmp / "tiny-base").iterdir())
+        ['config.json', 'generation_config.json', 'model.safetensors', 'pretrain_metrics.jsonl',
+         'tokenizer.json', 'tokenizer_config.json']
     """
     tokenizer = synthetic.build_tokenizer()
     torch.manual_seed(settings.seed)

@@ -2,8 +2,10 @@
 
 Example:
     >>> from bitune.training import load_config, train
-    >>> config = load_config("configs/paper_lora.yaml", ["--model", "google/gemma-2b", "--output_dir", "runs/a"])  # doctest: +SKIP
-    >>> final_checkpoint = train(config)  # doctest: +SKIP
+    >>> config = load_config("configs/paper_lora.yaml", ["--model", "google/gemma-2b", "--output_dir", "runs/a"])
+    >>> config.output_dir, config.peft.kind, config.training.learning_rate
+    ('runs/a', 'lora', 0.0003)
+    >>> final_checkpoint = train(config)  # 3000 steps on Gemma-2B  # doctest: +SKIP
 """
 
 from bitune.training.config import (

@@ -14,15 +14,18 @@ ill-typed values raise `BituneInputError` naming the key and where it came from.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 from peft import IA3Config, LoraConfig, PeftConfig
+from transformers import SchedulerType, TrainingArguments
 
-from bitune.core.loading import DEVICES, DTYPES
+from bitune.core.loading import DEVICES, DTYPES, QUANTIZATIONS
 from bitune.core.modes import BituneConfig
 from bitune.data.samples import DataConfig
 from bitune.errors import BituneInputError
@@ -46,14 +49,22 @@ class ModelSettings:
         dtype: dtype of the frozen base weights: auto (as stored), float32, bfloat16 or float16
             (default: that of `training.precision`).
         attn_implementation: "sdpa" (transformers' default) or "eager" (e.g. Gemma2).
+        quantization: "4bit" (NF4, QLoRA-style) or "8bit": load the frozen base k-bit quantized with
+            bitsandbytes (GPU, or CPU with bitsandbytes >= 0.46); both adapters and the mixing coefficients train
+            in full precision on top. Default: not quantized.
     """
 
     name_or_path: str | None = None
     tokenizer: str | None = None
     dtype: str | None = None
     attn_implementation: str | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise BituneInputError(
+                f"model.quantization {self.quantization!r} is unknown; use one of {', '.join(QUANTIZATIONS)}"
+            )
         if self.dtype is not None and self.dtype not in tuple(DTYPES):
             raise BituneInputError(
                 f"model.dtype {self.dtype!r} is unknown; use one of {', '.join(tuple(DTYPES))}"
@@ -65,19 +76,25 @@ class ValidationSettings:
     """Held-out data for the eval loss: a separate file, or a share of the training samples.
 
     Args:
-        path: a validation file, read with the same format, template and limits as `data`.
+        path: a validation file (or a list of sources, as `data.path`), read with the same format, template
+            and length limits as `data`.
         size: otherwise hold out this many training samples (or this fraction, if below 1), chosen
             with `data.seed`.
+        limit: evaluate on a random `limit` of the validation samples (seeded with `data.seed`), to bound the
+            time each evaluation takes; null: all of them.
     """
 
-    path: str | None = None
+    path: str | list[str | dict[str, Any]] | None = None
     size: int | float | None = None
+    limit: int | None = None
 
     def __post_init__(self) -> None:
         if self.path is not None and self.size is not None:
             raise BituneInputError(
                 "validation: set either path (a file) or size (held-out samples), not both"
             )
+        if self.limit is not None and self.limit < 1:
+            raise BituneInputError(f"validation.limit must be at least 1 (or null), got {self.limit}")
 
 
 @dataclass
@@ -109,6 +126,19 @@ class PeftSettings:
             raise BituneInputError(f"peft.dropout must be in [0, 1), got {self.dropout}")
         if self.feedforward_modules is not None and self.kind != "ia3":
             raise BituneInputError("peft.feedforward_modules applies to kind ia3 only; remove it")
+        if not (math.isfinite(self.alpha) and self.alpha > 0):
+            raise BituneInputError(f"peft.alpha must be a positive number, got {self.alpha}")
+        for name in ("target_modules", "feedforward_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                try:
+                    re.compile(value)
+                except re.error as error:
+                    raise BituneInputError(
+                        f"peft.{name} {value!r} is not a valid regular expression ({error})"
+                    ) from None
+            elif isinstance(value, list) and not all(value):
+                raise BituneInputError(f"peft.{name} must not hold an empty name, got {value!r}")
 
     def to_peft_config(self) -> PeftConfig:
         """The `peft` config object both adapters are built from."""
@@ -134,14 +164,23 @@ class TrainingSettings:
         max_steps: optimizer steps (the data is repeated as often as needed).
         batch_size: samples per device per forward; the effective batch is
             batch_size × gradient_accumulation_steps × number of processes.
+        eval_batch_size: samples per device per forward when computing the eval loss (default: batch_size).
+        gradient_accumulation_steps: forwards per optimizer step; the loss is the mean over the answer
+            tokens of all of them, so any split of the effective batch gives the same update.
         max_grad_norm: gradient clipping (0 disables it, and with it the logged grad_norm).
+        weight_decay, adam_beta1, adam_beta2, adam_epsilon: AdamW's decoupled weight decay, betas and epsilon.
         precision: "bf16" or "fp16" (mixed precision, fp32 adapters) or "fp32".
         activation_checkpointing: recompute decoder layers in backward (exact; saves activation memory).
+        seed: the seed of the fresh adapters, of dropout and of the data order.
         eval_steps, save_steps, logging_steps: every how many optimizer steps to compute the eval loss, write
             a checkpoint and log metrics (0: never; the run always ends with an eval and a final save).
         save_total_limit: keep only the newest N checkpoints (null: all).
         resume_from_checkpoint: a checkpoint folder, or "latest" for the newest complete checkpoint in
-            output_dir (starts fresh when there is none).
+            output_dir (starts fresh when there is none). A resume is refused when the settings that define
+            the run (model, data, PEFT, Bitune, hyper-parameters; see docs/training.md) differ from the
+            checkpoint's.
+        force_resume: resume even so: the new settings apply from the checkpoint's step on, and each difference
+            is reported (a changed max_steps re-stretches the learning-rate schedule).
         report_to: logging integrations (default: tensorboard when installed); metrics.jsonl is always written.
         trainer_args: further `transformers.TrainingArguments` fields, passed as they are (advanced).
     """
@@ -166,6 +205,7 @@ class TrainingSettings:
     save_total_limit: int | None = None
     logging_steps: int = 10
     resume_from_checkpoint: str | None = None
+    force_resume: bool = False
     report_to: list[str] | None = None
     trainer_args: dict[str, Any] = field(default_factory=dict)
 
@@ -184,11 +224,47 @@ class TrainingSettings:
                 )
         if not 0 <= self.warmup_ratio < 1:
             raise BituneInputError(f"training.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise BituneInputError(
+                f"training.learning_rate must be a positive number, got {self.learning_rate}"
+            )
+        for name in ("max_grad_norm", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise BituneInputError(
+                    f"training.{name} must be 0 (off) or a positive number, got {value}"
+                )
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise BituneInputError(f"training.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not (math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0):
+            raise BituneInputError(f"training.adam_epsilon must be a positive number, got {self.adam_epsilon}")
+        for name in ("eval_batch_size", "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise BituneInputError(
+                    f"training.{name} must be at least 1 (or null), got {getattr(self, name)}"
+                )
+        schedules = [kind.value for kind in SchedulerType]
+        if self.lr_scheduler_type not in schedules:
+            raise BituneInputError(
+                f"training.lr_scheduler_type {self.lr_scheduler_type!r} is unknown; use one of {', '.join(schedules)}"
+            )
+        known = {f.name for f in fields(TrainingArguments)}
+        for key in self.trainer_args:
+            if key not in known:
+                raise BituneInputError(
+                    f"training.trainer_args.{key} is not a transformers TrainingArguments field; remove it"
+                )
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs; `load_config` reads it from YAML, `bitune.training.train` runs it.
+
+    Args:
+        model, data, validation, peft, bitune, training: the sections (one dataclass each).
+        output_dir: the run's folder: train_config.yaml, metrics.jsonl, TensorBoard logs, checkpoint-N, final.
+        device: "auto" (a GPU if there is one), "cpu", "cuda" or "mps".
 
     Example:
         >>> config = TrainConfig.from_dict({"model": "gpt2", "data": "train.jsonl", "output_dir": "runs/a"})
@@ -245,7 +321,9 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     """Read a YAML config (or start from the defaults) and apply `--dotted.key value` overrides.
 
     Example:
-        >>> config = load_config("configs/paper_lora.yaml", ["--bitune.mode", "baseline"])  # doctest: +SKIP
+        >>> config = load_config("configs/paper_lora.yaml", ["--bitune.mode", "baseline"])
+        >>> config.model.name_or_path, config.bitune.mode, config.training.max_steps
+        ('google/gemma-2b', 'baseline', 3000)
     """
     mapping: dict[str, Any] = {}
     source = "command line"
