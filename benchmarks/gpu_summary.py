@@ -45,7 +45,7 @@ def number(value: float | None, digits: int = 3) -> str:
 
 
 def percent(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.1f} %"
+    return "n/a" if value is None else f"{100 * value:.3g} %"
 
 
 def training_rows(label: str, results: dict[str, Any]) -> list[dict[str, str]]:
@@ -133,7 +133,7 @@ def grid_rows(label: str, results: dict[str, Any]) -> list[dict[str, str]]:
             result.append(f"{task} acc {statistics.mean(values):.3f}{spread}")
         comparison = comparisons.get(method)
         if comparison:
-            entry = comparison.get("average") or next(iter(v for k, v in comparison.items() if isinstance(v, dict)))
+            entry = comparison.get("average") or next(v for v in comparison.values() if isinstance(v, dict))
             result.append(
                 f"{entry['difference']:+.3f} vs {comparison['reference']} (paired p = {entry['p_value']:.2g})"
             )
@@ -208,7 +208,9 @@ def summarize(folder: Path) -> dict[str, Any]:
     if mfu_definition:
         peak = ", ".join(f"{value:.3g} FLOP/s ({source})" for value, source in peaks) or "unknown"
         notes.append(f"MFU = {mfu_definition}; peak {peak}")
-    notes.append("R = Bitune samples/s ÷ baseline samples/s; B = (P+T)/(2P+T−1), the cost of one extra prompt pass")
+    notes.append(
+        "R = Bitune samples/s ÷ baseline samples/s; B = (P+T)/(2P+T−1), the cost of one extra prompt pass"
+    )
     return {"rows": rows, "parts": parts, "notes": notes}
 
 

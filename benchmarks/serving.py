@@ -70,8 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             action.choices = [SMOLLM2, *action.choices]
     parser.set_defaults(model_size=SMOLLM2)
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16], help="concurrent clients")
-    parser.add_argument("--requests", type=int, default=32, help="requests per level (default: 32)")
-    parser.add_argument("--max-tokens", type=int, default=32, help="new tokens per request (default: 32)")
+    parser.add_argument("--requests", type=int, default=16, help="requests per level (default: 16)")
+    parser.add_argument("--max-tokens", type=int, default=16, help="new tokens per request (default: 16)")
     parser.add_argument(
         "--max-batch-size", type=int, default=16, help="the server's batch size (default: 16)"
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import os
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -147,3 +149,38 @@ def test_serving_answers_alike_at_every_level_and_batches_concurrent_clients(res
     rows = results["serving"]["rows"]
     assert all(row["same_texts_as_one_at_a_time"] for row in rows)
     assert [row["max_batch_size"] for row in rows] == [16, 16, 1]
+
+
+def test_model_flops_count_every_pass(results: dict[str, dict]) -> None:
+    """MFU's model FLOPs: 6·N per token of every pass (P+T for the baselines, 2P+T−1 for Bitune's three)."""
+    result = results["train_throughput"]
+    row, parameters = result["rows"][0], result["environment"]["parameters"]
+    assert row["baseline_model_flops_per_step"] == 6 * parameters * (6 + 3) * 2
+    assert row["bitune_model_flops_per_step"] == 6 * parameters * (2 * 6 + 3 - 1) * 2
+    assert result["peak_flops"] is None and row["bitune_mfu"] is None  # a CPU: no peak unless --peak-flops
+
+
+@pytest.mark.slow
+def test_gpu_suite_smoke_run_prints_the_table_and_writes_the_json(tmp_path: Path) -> None:
+    """benchmarks/gpu_suite.sh --smoke: every part of the one-shot GPU script, on the CPU, so it cannot rot."""
+    completed = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--smoke", "--output-dir", str(tmp_path)],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-4000:]
+    assert "| part | setting | result | throughput | status |" in completed.stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (tmp_path / "summary.md").read_text().count("\n| ") == len(summary["rows"]) + 1
+    assert {name: part["status"] for name, part in summary["parts"].items()} == {
+        "train_sdpa": "ok", "train_fa2": "skipped", "eval_speed": "ok", "reference_style": "ok", "grid": "ok",
+    }  # fmt: skip
+    training = json.loads((tmp_path / "train_sdpa.json").read_text())
+    assert training["rows"][0]["bitune_mfu"] > 0  # the smoke run gives a nominal --peak-flops
+    grid = json.loads((tmp_path / "grid.json").read_text())
+    assert grid["complete"] and [cell["method"] for cell in grid["cells"]] == ["baseline", "bitune"]
+    assert all(cell["train_tokens_per_s"] > 0 for cell in grid["cells"])
+    assert grid["base"]["accuracy"]["arc_easy"] >= 0

@@ -34,7 +34,7 @@ def test_not_utf8_not_a_file_and_not_yaml_are_named(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_bytes(b"model: caf\xe9\n")
     with pytest.raises(
-        BituneInputError, match=r"run\.yaml: not UTF-8 text \(byte 9 is 0xe9\); save it as UTF-8"
+        BituneInputError, match=r"run\.yaml: not UTF-8 text \(byte 10 is 0xe9\); save it as UTF-8"
     ):
         load_config(path)
     with pytest.raises(BituneInputError, match="is a folder, not a config file"):

@@ -114,7 +114,9 @@ def remove_leftovers(folder: str | Path, names: re.Pattern[str] | None = None) -
             continue
         retired, target = path / match["name"], folder / match["name"]
         if match.group(1) == "old" and retired.is_dir() and not target.exists():
-            os.replace(retired, target)  # the replacement never happened: the old folder is still the current one
+            os.replace(
+                retired, target
+            )  # the replacement never happened: the old folder is still the current one
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
@@ -152,7 +154,9 @@ def lock_folder(folder: str | Path, name: str = ".lock", what: str = "folder") -
         try:
             handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 (held open while the lock is)
         except OSError as error:
-            raise BituneInputError(f"{what} {folder}: cannot write into it ({error.strerror or error})") from None
+            raise BituneInputError(
+                f"{what} {folder}: cannot write into it ({error.strerror or error})"
+            ) from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -117,6 +117,11 @@ def published():
     return max(steps, default=0)
 
 
+def saving():  # a checkpoint newer than the newest complete one is being written
+    newest = published()
+    return any(int(p.name.split("-")[2]) > newest for p in output.glob(".tmp-checkpoint-*"))
+
+
 started = time.time()
 assert exit_code(start({**settings, "output_dir": reference}), block=True) == 0
 reference_seconds = time.time() - started
@@ -138,7 +143,7 @@ while True:
         step = published()
         code = wait(pid, 120, lambda: published() > step)
         if code is None:
-            code = wait(pid, 120, lambda: any(output.glob(".tmp-checkpoint-*")))
+            code = wait(pid, 120, saving)
         if code is None:
             code = wait(pid, rng.uniform(0, 0.004))
     else:  # any moment: loading, resuming, training or saving
@@ -181,7 +186,8 @@ def test_killed_at_random_times_then_resumed_ends_bit_identical(base, tmp_path):
     )
     assert process.returncode == 0, process.stderr[-5000:]
     report = json.loads(process.stdout.strip().splitlines()[-1])
-    assert report["kills"] >= 10 and report["during_saves"] >= 3, report
+    print(f"kills: {report['kills']}, during saves: {report['during_saves']}, runs: {report['attempts']}")
+    assert report["kills"] >= 10 and report["during_saves"] >= 4, report
     assert_same_weights(reference / "final", output / "final", atol=0)
     assert training_logs(output) == training_logs(reference)  # steps 1..14 once each, the same numbers
     assert not [p for p in output.iterdir() if p.name.startswith((".tmp-", ".old-"))]  # cleaned up
@@ -434,3 +440,10 @@ def test_the_start_says_what_the_run_will_do(base, tmp_path, capsys):
         f"(causal {adapters['causal']:,}, bidir {adapters['bidir']:,}), mixing coefficients 4"
     ) in err
     assert "device      cpu, precision fp32 (base weights float32)" in err
+
+
+def test_the_docs_list_every_setting_that_may_change_on_resume():
+    from bitune.training.trainer import MAY_CHANGE_ON_RESUME
+
+    guarantees = (REPO / "docs" / "training.md").read_text().split("may change on resume")[1].split("\n\n")[0]
+    assert all(f"`{key}`" in guarantees for key in MAY_CHANGE_ON_RESUME)

@@ -42,7 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace OUTPUT_DIR when it is not empty (never the checkpoint's or the base model's folder)",
     )
-    parser.add_argument("output_dir", type=Path, metavar="OUTPUT_DIR", help="the folder to write (new or empty)")
+    parser.add_argument(
+        "output_dir", type=Path, metavar="OUTPUT_DIR", help="the folder to write (new or empty)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

@@ -202,7 +202,9 @@ def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         weights = load_file(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise BituneInputError(f"{path}: not a readable safetensors file ({error}); the file is corrupt") from None
+        raise BituneInputError(
+            f"{path}: not a readable safetensors file ({error}); the file is corrupt"
+        ) from None
     for key, tensor in weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise BituneInputError(f"{path}: {key} holds NaN or infinite values; the file is corrupt")
@@ -344,7 +346,11 @@ def load_parts(
 def _first_line(error: BaseException) -> str:
     """The gist of a library error: its first non-empty line after the heading, shortened."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[1] if len(lines) > 1 and lines[0].endswith(":") else (lines[0] if lines else type(error).__name__)
+    text = (
+        lines[1]
+        if len(lines) > 1 and lines[0].endswith(":")
+        else (lines[0] if lines else type(error).__name__)
+    )
     return text if len(text) <= 300 else text[:297] + "..."
 
 

@@ -101,9 +101,7 @@ def export_merged(
     return output_dir
 
 
-def check_export_folder(
-    output_dir: str | Path, overwrite: bool, protected: list[str | Path | None]
-) -> None:
+def check_export_folder(output_dir: str | Path, overwrite: bool, protected: list[str | Path | None]) -> None:
     """Raise a `BituneInputError` unless `output_dir` may be (re)written: new or empty (or `overwrite`), and
     neither one of the `protected` folders, nor inside one, nor holding one."""
     output = Path(output_dir).resolve()

@@ -82,7 +82,9 @@ def check_generation(generate_kwargs: dict, prompt_length: int, positions: int |
         bitune.errors.BituneInputError: max_new_tokens (--max-new-tokens) must be at least 1, got 0
     """
     new_tokens = generate_kwargs.get("max_new_tokens")
-    if new_tokens is not None and (isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1):
+    if new_tokens is not None and (
+        isinstance(new_tokens, bool) or not isinstance(new_tokens, int) or new_tokens < 1
+    ):
         raise BituneInputError(f"max_new_tokens (--max-new-tokens) must be at least 1, got {new_tokens!r}")
     if generate_kwargs.get("do_sample"):
         temperature, top_p, top_k = (generate_kwargs.get(k) for k in ("temperature", "top_p", "top_k"))

@@ -231,14 +231,14 @@ class TrainingSettings:
         for name in ("max_grad_norm", "weight_decay"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
-                raise BituneInputError(
-                    f"training.{name} must be 0 (off) or a positive number, got {value}"
-                )
+                raise BituneInputError(f"training.{name} must be 0 (off) or a positive number, got {value}")
         for name in ("adam_beta1", "adam_beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise BituneInputError(f"training.{name} must be in [0, 1), got {getattr(self, name)}")
         if not (math.isfinite(self.adam_epsilon) and self.adam_epsilon > 0):
-            raise BituneInputError(f"training.adam_epsilon must be a positive number, got {self.adam_epsilon}")
+            raise BituneInputError(
+                f"training.adam_epsilon must be a positive number, got {self.adam_epsilon}"
+            )
         for name in ("eval_batch_size", "save_total_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise BituneInputError(

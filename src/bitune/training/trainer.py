@@ -74,7 +74,9 @@ logger = logging.getLogger(__name__)
 _CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 _ALPHA_KEY = re.compile(r"^alpha/(keys|values)/(\d+)$")
 # What interrupted writes of a run leave in its output folder (see `bitune.files.remove_leftovers`).
-_RUN_LEFTOVERS = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-\d+|{FINAL_DIR}|{re.escape(TRAIN_CONFIG_FILE)}|{re.escape(METRICS_FILE)}")
+_RUN_LEFTOVERS = re.compile(
+    rf"{PREFIX_CHECKPOINT_DIR}-\d+|{FINAL_DIR}|{re.escape(TRAIN_CONFIG_FILE)}|{re.escape(METRICS_FILE)}"
+)
 # The settings a resumed run may change (documented in docs/training.md): every other one defines the run.
 MAY_CHANGE_ON_RESUME = (
     "output_dir",
@@ -451,13 +453,16 @@ def _train(config: TrainConfig, callbacks: Sequence[TrainerCallback]) -> Path:
     output_dir = Path(config.output_dir)
     resume_from = _resume_point(config)
     saved_record = read_run_record(resume_from, config.training.force_resume) if resume_from else None
+    resumed_state = _trainer_state(resume_from) if resume_from else None
     set_seed(config.training.seed)  # the fresh adapters are drawn from it
     tokenizer = load_tokenizer(config.model.tokenizer or config.model.name_or_path)
     use_chat_template(tokenizer, config.data.chat_template)  # saved with every checkpoint's tokenizer
     train_samples, eval_samples, stats = _load_samples(config, tokenizer)
     args = training_arguments(config, has_validation=bool(eval_samples))
     record = run_record(config, train_samples, eval_samples, args.world_size)
-    forced = check_resume(resume_from, saved_record, record, config.training.force_resume) if resume_from else []
+    forced = (
+        check_resume(resume_from, saved_record, record, config.training.force_resume) if resume_from else []
+    )
     with _model_errors(config):
         model = BituneModel.from_base(
             config.model.name_or_path,
@@ -478,10 +483,11 @@ def _train(config: TrainConfig, callbacks: Sequence[TrainerCallback]) -> Path:
         callbacks=[MetricsFileCallback(), *callbacks],
     )
     trainer.run_record, trainer.apply_new_settings = record, bool(forced)
-    resumed_state = _trainer_state(resume_from) if resume_from else None
     if trainer.is_world_process_zero():
         atomic_write_text(output_dir / TRAIN_CONFIG_FILE, config.to_yaml())
-        logger.info("%s", run_summary(config, trainer, stats, len(train_samples), len(eval_samples), resumed_state))
+        logger.info(
+            "%s", run_summary(config, trainer, stats, len(train_samples), len(eval_samples), resumed_state)
+        )
     if resumed_state is not None and resumed_state.global_step >= config.training.max_steps:
         # Nothing left to train: the Trainer would run one more step before it checks max_steps.
         restore_weights(trainer.accelerator.unwrap_model(trainer.model), resume_from)
@@ -709,11 +715,15 @@ def run_summary(
 # Resuming: what defines a run, and what a resume may change
 
 
-def run_record(config: TrainConfig, train_samples: Sequence[Sample], eval_samples: Sequence[Sample], processes: int) -> dict:
+def run_record(
+    config: TrainConfig, train_samples: Sequence[Sample], eval_samples: Sequence[Sample], processes: int
+) -> dict:
     """What defines a run, as written into every checkpoint (`bitune_run.json`): its settings, except those
     that may change on resume (`MAY_CHANGE_ON_RESUME`), with local paths made absolute, the number of
     processes, and a fingerprint of the training and validation samples (their tokens)."""
-    settings = {key: value for key, value in _flat(plain(config.to_dict())).items() if key not in MAY_CHANGE_ON_RESUME}
+    settings = {
+        key: value for key, value in _flat(plain(config.to_dict())).items() if key not in MAY_CHANGE_ON_RESUME
+    }
     settings["model.name_or_path"] = local_or_hub(config.model.name_or_path)
     settings["model.tokenizer"] = local_or_hub(config.model.tokenizer or config.model.name_or_path)
     settings["model.dtype"] = config.base_dtype
@@ -765,7 +775,9 @@ def read_run_record(checkpoint: str | Path, force: bool = False) -> dict | None:
     except (ValueError, UnicodeDecodeError) as error:
         raise BituneInputError(f"{path}: not valid JSON ({error}); the checkpoint is damaged") from None
     if not (
-        isinstance(record, dict) and isinstance(record.get("settings"), dict) and isinstance(record.get("data"), dict)
+        isinstance(record, dict)
+        and isinstance(record.get("settings"), dict)
+        and isinstance(record.get("data"), dict)
     ):
         raise BituneInputError(f"{path}: not a record of a run (settings, data); the checkpoint is damaged")
     return record
@@ -786,7 +798,11 @@ def check_resume(checkpoint: str | Path, saved: dict | None, record: dict, force
     for key in sorted(set(old) & set(new)):
         if key in MAY_CHANGE_ON_RESUME or key.startswith(("data.", "validation.")) or old[key] == new[key]:
             continue
-        note = " (the learning-rate schedule is re-stretched over the new length)" if key == "training.max_steps" else ""
+        note = (
+            " (the learning-rate schedule is re-stretched over the new length)"
+            if key == "training.max_steps"
+            else ""
+        )
         differences.append(f"{key} {_shown(old[key])} -> {_shown(new[key])}{note}")
     if saved["data"].get("training") != record["data"]["training"]:
         settings = [
