@@ -27,7 +27,7 @@ TRAINING = ["--shapes", "6x3", "--batch-size", "2"]
 ARGUMENTS = {
     "train_throughput": [*TINY, *TRAINING, "--repeats", "1", "--warmup", "0"],
     "reference_style": [*TINY, *TRAINING, "--repeats", "1", "--warmup", "0"],
-    "inference": [
+    "inference_speed": [
         *TINY,
         "--prompt-length",
         "6",
@@ -55,7 +55,7 @@ ROW_KEYS = {
         "bitune_one_by_one_samples_per_s", "bitune_samples_per_s", "speedup", "speedup_over_sized_masks",
         "full_size_mask_cost", "fast_path_gain", "batching_gain",
     },
-    "inference": {
+    "inference_speed": {
         "batch_size", "plain_prefill_ms", "bitune_prefill_ms", "prefill_ratio", "prefill_bound",
         "plain_decode_ms", "bitune_decode_ms", "decode_ratio",
     },
@@ -75,7 +75,7 @@ ROW_KEYS = {
 ROWS = {
     "train_throughput": 2,
     "reference_style": 1,
-    "inference": 2,
+    "inference_speed": 2,
     "memory": 2,
     "last_layer": 1,
     "fused_streams": 1,
@@ -145,7 +145,9 @@ def test_reference_style_refuses_to_time_different_math(monkeypatch: pytest.Monk
         sys.modules.pop("reference_style", None)
 
 
-def test_serving_answers_alike_at_every_level_and_batches_concurrent_clients(results: dict[str, dict]) -> None:
+def test_serving_answers_alike_at_every_level_and_batches_concurrent_clients(
+    results: dict[str, dict],
+) -> None:
     rows = results["serving"]["rows"]
     assert all(row["same_texts_as_one_at_a_time"] for row in rows)
     assert [row["max_batch_size"] for row in rows] == [16, 16, 1]

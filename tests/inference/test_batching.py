@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from peft import LoraConfig
 from tiny_models import tiny_model
 
 from bitune import BituneConfig, BituneInputError, BituneModel, generate_text
+from bitune.core.export import export_merged
 from bitune.core.plain import PlainModel
 from bitune.core.prompts import encode_prompts
 from bitune.experiments.synthetic import build_tokenizer
@@ -29,16 +31,20 @@ def tokenizer():
     return build_tokenizer()
 
 
-def model_for(tokenizer, family: str = "llama", mode: str = "bitune"):
+def model_for(tokenizer, family: str = "llama", mode: str = "bitune", folder: Path | None = None):
     ids = dict(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     base = tiny_model(family, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, **ids)
     if mode == "plain":
         return PlainModel(base).eval()
     config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
-    model = BituneModel.from_base(base, config, BituneConfig(mode=mode)).eval()
+    model = BituneModel.from_base(
+        base, config, BituneConfig(mode="bitune" if mode == "merged" else mode)
+    ).eval()
     if model.mixer is not None:
         with torch.no_grad():  # trained-looking coefficients, so that both prompt passes matter
             model.mixer.keys.uniform_(-0.05, 0.05)
+    if mode == "merged":  # `bitune export`'s folder: decoding runs the bare merged weights
+        return BituneModel.from_pretrained(export_merged(model, folder / "export")).eval()
     return model
 
 
@@ -74,12 +80,16 @@ def run(batcher: Batcher, prompts: list[list[int]], params: SamplingParams, n: i
         ("mistral", "bitune"),
         ("gemma3", "no_mixing"),
         ("llama", "baseline"),
+        ("llama", "merged"),
         ("qwen2", "plain"),
     ],
 )
-def test_batched_requests_give_what_generate_gives_each_alone(tokenizer, family: str, mode: str) -> None:
-    """Sliding windows (mistral, gemma3), every kind of model, rows joining a running batch, one-token prompts."""
-    model = model_for(tokenizer, family, mode)
+def test_batched_requests_give_what_generate_gives_each_alone(
+    tokenizer, family: str, mode: str, tmp_path: Path
+) -> None:
+    """Sliding windows (mistral, gemma3), every kind of model `bitune serve` loads (a Bitune checkpoint, a PEFT
+    adapter = mode baseline, a merged export, a base model), rows joining a running batch."""
+    model = model_for(tokenizer, family, mode, tmp_path)
     prompts = PROMPTS * 3
     expected = [
         generate_text(model, tokenizer, [text], max_new_tokens=10, do_sample=False)[0] for text in PROMPTS

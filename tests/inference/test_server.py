@@ -193,7 +193,7 @@ def test_sixteen_concurrent_requests_give_the_sixteen_sequential_answers(
 ) -> None:
     batcher = server[1]
     sequential = [chat(client, q, max_tokens=12).choices[0].message.content for q in QUESTIONS]
-    assert max(batcher.stats.row_counts[-12:]) == 1  # one at a time: one row per step
+    assert max(list(batcher.stats.row_counts)[-12:]) == 1  # one at a time: one row per step
     # The same model behind a server with a window long enough that all 16 arrive in it, however busy the
     # machine: then they are prefilled and decoded together for sure.
     together = Batcher(model, tokenizer, max_batch_size=16, wait_ms=500)

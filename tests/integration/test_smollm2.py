@@ -8,12 +8,10 @@ everywhere, `bitune eval` agrees with stock lm-eval, and a short training run on
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM
 
@@ -25,6 +23,8 @@ from bitune.data.records import Record
 from bitune.data.samples import DataConfig, build_samples
 from bitune.evaluation.scoring import encode_pair
 
+from .conftest import short_run_config
+
 pytestmark = pytest.mark.slow
 
 QUESTIONS = [
@@ -32,15 +32,6 @@ QUESTIONS = [
     "What is the capital of France?",
     "Name a primary colour.",
 ]
-
-
-@pytest.fixture(autouse=True)
-def every_core():
-    """A 135M model is no tiny test model: its matmuls are worth all cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -175,40 +166,13 @@ def test_a_short_training_run_on_real_instructions(
 ) -> None:
     """Validation loss falls; a resumed run ends exactly where the whole run did; the result reloads and chats."""
 
-    def config(output_dir: Path, **training) -> Path:
-        settings = {
-            "model": {"name_or_path": str(smollm2)},
-            "data": {
-                "path": str(shared_data / "instruct" / "alpaca_gpt4_999.json"),
-                "limit": 40,
-                "max_length": 128,
-            },
-            "validation": {"size": 8},
-            "peft": {"kind": "lora", "r": 4, "alpha": 8},
-            "training": {
-                "learning_rate": 2e-3,
-                "max_steps": 4,
-                "batch_size": 4,
-                "precision": "fp32",
-                "eval_steps": 2,
-                "save_steps": 2,
-                "logging_steps": 1,
-                "report_to": [],
-                **training,
-            },
-            "device": "cpu",
-            "output_dir": str(output_dir),
-        }
-        path = output_dir.with_suffix(".yaml")
-        path.write_text(yaml.safe_dump(settings))
-        return path
-
-    assert main(["train", str(config(tmp_path / "run"))]) == 0
+    assert main(["train", str(short_run_config(smollm2, shared_data, tmp_path / "run"))]) == 0
     logs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     eval_losses = [entry["eval_loss"] for entry in logs if "eval_loss" in entry]
     assert len(eval_losses) == 2 and eval_losses[-1] < eval_losses[0]
 
-    resumed = config(tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    resumed = short_run_config(smollm2, shared_data, tmp_path / "resumed", resume_from_checkpoint=checkpoint)
     assert main(["train", str(resumed)]) == 0
     whole = BituneModel.from_pretrained(tmp_path / "run" / "final").trainable_parameters()
     again = BituneModel.from_pretrained(tmp_path / "resumed" / "final").trainable_parameters()

@@ -9,6 +9,7 @@ from bitune.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
     generation_kwargs,
+    model_source,
     quiet_libraries,
 )
 from bitune.core.generation import stream
@@ -37,13 +38,7 @@ examples:
 @quiet_libraries()  # no library warnings or progress bars between the answers
 def run(args: argparse.Namespace) -> int:
     """Run the `chat` command; returns the exit code."""
-    model, tokenizer = load_for_inference(
-        checkpoint=args.checkpoint,
-        base_model=args.base_model,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
-    )
+    model, tokenizer = load_for_inference(**model_source(args))
     print(f"Chatting with {args.checkpoint}. An empty line or Ctrl-D ends the chat.")
     while True:
         try:

@@ -85,6 +85,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def model_source(args: argparse.Namespace) -> dict:
+    """The keyword arguments of `load_for_inference` that the model arguments of a command carry."""
+    names = ("checkpoint", "base_model", "peft_adapter", "tokenizer", "device", "dtype", "quantization")
+    return {name: getattr(args, name) for name in names if hasattr(args, name)}
+
+
 def generation_kwargs(args: argparse.Namespace) -> dict:
     """The `generate` keyword arguments of the sampling arguments (seeds the sampler with --do-sample)."""
     kwargs: dict = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}

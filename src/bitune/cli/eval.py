@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from bitune.cli.common import add_device_arguments, add_quantization_argument
+from bitune.cli.common import add_device_arguments, add_quantization_argument, model_source
 from bitune.errors import BituneInputError
 from bitune.evaluation.runner import run_evaluation
 from bitune.evaluation.tasks import STYLES, TASK_NAMES
@@ -92,13 +92,7 @@ def run(args: argparse.Namespace) -> int:
         raise BituneInputError("name the model to evaluate: --checkpoint DIR, or --base-model PATH")
     evaluation, written = run_evaluation(
         names,
-        checkpoint=args.checkpoint,
-        base_model=args.base_model,
-        peft_adapter=args.peft_adapter,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
+        **model_source(args),
         data_dir=args.data_dir,
         task_files=task_files,
         style=args.style,

@@ -10,6 +10,7 @@ from bitune.cli.common import (
     add_model_arguments,
     add_sampling_arguments,
     generation_kwargs,
+    model_source,
     quiet_libraries,
 )
 from bitune.core.generation import generate_text
@@ -45,13 +46,7 @@ examples:
 @quiet_libraries()  # no library warnings or progress bars between the answers
 def run(args: argparse.Namespace) -> int:
     """Run the `generate` command; returns the exit code."""
-    model, tokenizer = load_for_inference(
-        checkpoint=args.checkpoint,
-        base_model=args.base_model,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
-    )
+    model, tokenizer = load_for_inference(**model_source(args))
     prompts = [render_prompt(prompt, args.template, tokenizer) for prompt in args.prompt]
     answers = [
         answer.strip() for answer in generate_text(model, tokenizer, prompts, **generation_kwargs(args))

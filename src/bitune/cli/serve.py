@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from bitune.cli.common import HelpFormatter, add_device_arguments, add_quantization_argument
+from bitune.cli.common import HelpFormatter, add_device_arguments, add_quantization_argument, model_source
 from bitune.core.pretrained import load_for_inference
 from bitune.errors import BituneInputError
 
@@ -116,15 +116,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key,
         default_max_tokens=args.max_tokens,
     )
-    model, tokenizer = load_for_inference(
-        checkpoint=args.checkpoint,
-        base_model=args.base_model,
-        peft_adapter=args.peft_adapter,
-        tokenizer=args.tokenizer,
-        device=args.device,
-        dtype=args.dtype,
-        quantization=args.quantization,
-    )
+    model, tokenizer = load_for_inference(**model_source(args))
     if settings.template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise BituneInputError("--template chat: the tokenizer has no chat template; use --template plain")
     batcher = Batcher(model, tokenizer, max_batch_size=args.max_batch_size, wait_ms=args.batch_wait_ms)

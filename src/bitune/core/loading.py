@@ -146,7 +146,7 @@ def quantization_config(
 
 
 def quantization_of(model: PreTrainedModel) -> str | None:
-    """"4bit" or "8bit" for a base model loaded with bitsandbytes quantization, else None.
+    """ "4bit" or "8bit" for a base model loaded with bitsandbytes quantization, else None.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -177,7 +177,9 @@ def keep_quantized_layers_trainable(model: torch.nn.Module) -> None:
         if getattr(getattr(weight, "quant_state", None), "packing_format_for_cpu", False):
             from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
 
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state
+            )
 
 
 def quantized_device(device: str | torch.device = "auto") -> str:

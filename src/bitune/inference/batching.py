@@ -96,7 +96,6 @@ class Ticket:
         self.n = n
         self.on_event = on_event
         self.cancelled = False
-        self.open_choices = n
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -123,7 +122,7 @@ class BatchStats:
     max_rows: int = 0
     prefills: int = 0
     prefilled_rows: int = 0
-    row_counts: list[int] = field(default_factory=list)  # rows per decoding step (the last 10 000)
+    row_counts: deque[int] = field(default_factory=lambda: deque(maxlen=10_000))  # rows per step, the latest
 
 
 class TextTail:
@@ -420,7 +419,7 @@ class Batcher:
         self._inputs, self._positions = tokens, self._positions + 1
         self.stats.steps += 1
         self.stats.max_rows = max(self.stats.max_rows, rows)
-        self.stats.row_counts = [*self.stats.row_counts[-9999:], rows]
+        self.stats.row_counts.append(rows)
         for row, token in zip(self._rows, tokens.tolist()):
             self._advance(row, token)
         self._drop_finished()

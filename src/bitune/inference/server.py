@@ -247,7 +247,9 @@ class _RequireAPIKey:
         if scope["type"] == "http" and scope["path"] != "/health":
             headers = dict(scope["headers"])
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key.encode()):
+            if scheme.lower() != "bearer" or not secrets.compare_digest(
+                token.strip().encode(), self.api_key.encode()
+            ):
                 error = APIError(
                     401,
                     "Incorrect or missing API key; send Authorization: Bearer KEY",

@@ -5,8 +5,8 @@ exactly like the plain model from then on (bound 1×). Both go through their `ge
 number of new tokens); a logits processor timestamps every step, so one call yields both numbers: prefill =
 call start to the first token's logits, decode = mean time per later token.
 
-    python benchmarks/inference.py            # ~3 minutes on 2 cores
-    python benchmarks/inference.py --quick
+    python benchmarks/inference_speed.py            # ~3 minutes on 2 cores
+    python benchmarks/inference_speed.py --quick
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "decode_ratio",
         ],
     )
-    return common.save_results(args, "inference", rows, common.parameter_count(base))
+    return common.save_results(args, "inference_speed", rows, common.parameter_count(base))
 
 
 if __name__ == "__main__":
