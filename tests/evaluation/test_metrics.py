@@ -76,7 +76,7 @@ def lm_eval_generation_scores(output: str, target: str) -> dict[str, float]:
     """lm-eval's gsm8k filters and exact_match, straight from its own code."""
     from lm_eval.filters.extraction import RegexFilter
 
-    from bitune.evaluation.metrics import FLEXIBLE_ANSWER_PATTERN, IGNORED_ANSWER_PATTERNS
+    from bitune.evaluation.tasks import FLEXIBLE_ANSWER_PATTERN, IGNORED_ANSWER_PATTERNS
 
     strict = RegexFilter().apply([[output]], [{}])[0][0]
     flexible = RegexFilter(regex_pattern=FLEXIBLE_ANSWER_PATTERN, group_select=-1).apply([[output]], [{}])[0][

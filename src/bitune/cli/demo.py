@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "example: bitune demo --output-dir runs/demo   (rerunning continues where it stopped)"
     parser.add_argument("--output-dir", default=DEFAULT_OUTPUT, help="where data, models and results go")
     parser.add_argument(
-        "--quick", action="store_true", help="a 4x smaller run (about a minute), for smoke tests"
+        "--quick", action="store_true", help="a 4x smaller run (about a minute and a half), for smoke tests"
     )
 
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from peft import PeftModel
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import PreTrainedModel
 
 from bitune._version import __version__
@@ -35,9 +36,6 @@ from bitune.core.modes import BituneConfig
 from bitune.errors import BituneError, BituneInputError
 from bitune.files import atomic_directory, file_sha256
 
-if TYPE_CHECKING:
-    from bitune.core.model import BituneModel
-
 CONFIG_FILE = "bitune_config.json"
 MIXER_FILE = "bitune_mixer.safetensors"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # inside each adapter folder (PEFT's name)
@@ -45,7 +43,7 @@ FORMAT_VERSION = 1
 KNOWN_ADAPTERS = ("causal", "bidir")
 
 
-def save_bitune(model: BituneModel, output_dir: str | Path, tokenizer=None) -> Path:
+def save_bitune(model: nn.Module, output_dir: str | Path, tokenizer=None) -> Path:
     """Write `model` to `output_dir` (replaced atomically if it exists)."""
     if model.merged:
         raise BituneError(
@@ -63,7 +61,7 @@ def save_bitune(model: BituneModel, output_dir: str | Path, tokenizer=None) -> P
     return output_dir
 
 
-def describe(model: BituneModel) -> dict:
+def describe(model: nn.Module) -> dict:
     """The content of `bitune_config.json` for `model` (`bitune.core.export` overrides a few fields)."""
     base = model.base_model
     adapters = list(model.bitune_config.spec.adapters)
@@ -119,7 +117,7 @@ def write_config(folder: Path, config: dict) -> None:
     (folder / CONFIG_FILE).write_text(json.dumps({**config, "sha256": checksums}, indent=2) + "\n")
 
 
-def write_mixer(model: BituneModel, folder: Path) -> None:
+def write_mixer(model: nn.Module, folder: Path) -> None:
     """Save the mixing coefficients (if the mode mixes) as float32 safetensors."""
     if model.mixer is not None:
         state = {k: v.detach().float().cpu().contiguous() for k, v in model.mixer.state_dict().items()}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from transformers import (
     DynamicCache,
     StoppingCriteria,
@@ -24,13 +24,10 @@ from bitune.core.passes import max_positions
 from bitune.core.prompts import encode_prompts
 from bitune.errors import BituneInputError
 
-if TYPE_CHECKING:
-    from bitune.core.model import BituneModel
-
 
 @torch.no_grad()
 def generate(
-    model: BituneModel,
+    model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     **generate_kwargs,
@@ -140,7 +137,7 @@ def _readable_stop_strings(generate_kwargs: dict, prompt_length: int) -> None:
         generate_kwargs["stopping_criteria"] = criteria
 
 
-def generate_text(model: BituneModel, tokenizer, prompts: Sequence[str], **generate_kwargs) -> list[str]:
+def generate_text(model: nn.Module, tokenizer, prompts: Sequence[str], **generate_kwargs) -> list[str]:
     """Generate one completion per prompt string and return the new text only.
 
     The prompts are tokenised as training tokenises them (`bitune.core.prompts.encode_prompts`) and
@@ -158,7 +155,7 @@ def generate_text(model: BituneModel, tokenizer, prompts: Sequence[str], **gener
 
 
 def generate_new_text(
-    model: BituneModel,
+    model: nn.Module,
     tokenizer,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
@@ -177,7 +174,7 @@ def generate_new_text(
     return tokenizer.batch_decode(output[:, input_ids.shape[1] :], skip_special_tokens=True)
 
 
-def stream(model: BituneModel, tokenizer, prompt: str, **generate_kwargs) -> Iterator[str]:
+def stream(model: nn.Module, tokenizer, prompt: str, **generate_kwargs) -> Iterator[str]:
     """Yield the answer to one prompt piece by piece as it is generated (for chat and interactive use).
 
     Example:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,9 +26,6 @@ from transformers.cache_utils import Cache
 from bitune.core.caches import PromptEncoded, _PrefixLayer
 from bitune.core.modes import CAUSAL_ADAPTER, PromptPass
 from bitune.core.passes import answer_pass_inputs, prompt_pass_inputs
-
-if TYPE_CHECKING:
-    from bitune.core.model import BituneModel
 
 
 class _LayerInputs(nn.Module):
@@ -97,7 +94,7 @@ def _layers_replaced(decoder: nn.Module, sink: list) -> Iterator[None]:
         decoder.layers = layers
 
 
-def _prepare_stream(model: BituneModel, prompt_pass: PromptPass, ids, mask) -> _PromptStream:
+def _prepare_stream(model: nn.Module, prompt_pass: PromptPass, ids, mask) -> _PromptStream:
     """Let the model's decoder build this stream's embeddings, rotary tables and masks for every layer."""
     decoder = model.base_model.get_decoder()
     stream = _PromptStream(prompt_pass, model._recorder())
@@ -110,7 +107,7 @@ def _prepare_stream(model: BituneModel, prompt_pass: PromptPass, ids, mask) -> _
 
 
 def layer_synchronous_logits(
-    model: BituneModel,
+    model: nn.Module,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
     answer_ids: torch.Tensor,

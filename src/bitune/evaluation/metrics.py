@@ -22,17 +22,17 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from bitune.evaluation.tasks import Task
+from bitune.evaluation.tasks import (
+    FLEXIBLE_ANSWER_PATTERN,
+    IGNORED_ANSWER_PATTERNS,
+    STRICT_ANSWER_PATTERN,
+    Task,
+)
 
-# lm-eval's gsm8k answer filters ("strict-match", "flexible-extract") and exact_match `regexes_to_ignore`.
-STRICT_ANSWER_PATTERN = r"#### (\-?[0-9\.\,]+)"
-FLEXIBLE_ANSWER_PATTERN = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
-IGNORED_ANSWER_PATTERNS = (",", r"\$", r"(?s).*#### ", r"\.$")
+# The answer patterns of lm-eval's gsm8k filters live with the tasks (bitune.evaluation.tasks).
 INVALID_ANSWER = "[invalid]"  # what lm-eval's filters return when the output holds no answer
 
 

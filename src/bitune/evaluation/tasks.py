@@ -48,12 +48,16 @@ import yaml
 from bitune.core.prompts import render_prompt
 from bitune.data.records import load_records
 from bitune.errors import BituneInputError
-from bitune.evaluation.metrics import FLEXIBLE_ANSWER_PATTERN, IGNORED_ANSWER_PATTERNS, STRICT_ANSWER_PATTERN
 from bitune.files import atomic_write_text
 from bitune.settings import read_yaml_mapping
 
 MULTIPLE_CHOICE = "multiple_choice"
 GENERATION = "generation"
+# GSM8K answers, as lm-eval's gsm8k task extracts them (used by the scorer and by the lm-eval export).
+STRICT_ANSWER_PATTERN = r"#### (\-?[0-9\.\,]+)"
+FLEXIBLE_ANSWER_PATTERN = r"(-?[$0-9.,]{2,})|(-?[0-9]+)"
+IGNORED_ANSWER_PATTERNS = (",", r"\$", r"(?s).*#### ", r"\.$")
+
 STYLES = ("full", "plain")
 TARGET_DELIMITER = " "  # between context and option, as lm-eval's default `target_delimiter`
 # lm-eval's gsm8k `until` and `max_gen_toks`: generation stops at the first of these strings.
