@@ -186,3 +186,45 @@ def test_gpu_suite_smoke_run_prints_the_table_and_writes_the_json(tmp_path: Path
     assert grid["complete"] and [cell["method"] for cell in grid["cells"]] == ["baseline", "bitune"]
     assert all(cell["train_tokens_per_s"] > 0 for cell in grid["cells"])
     assert grid["base"]["accuracy"]["arc_easy"] >= 0
+
+
+def test_mixing_probe_forces_alpha_and_reproduces_the_cell_at_its_own(
+    stories260k: Path, shared_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At the α the cell was scored with, the probe gives the cell's own item scores; 0 and 1 are exact."""
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    from bitune import BituneModel
+    from bitune.core.loading import load_tokenizer
+    from bitune.evaluation.runner import evaluate
+    from bitune.evaluation.tasks import load_task
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import mixing_probe
+
+    torch.manual_seed(0)
+    model = BituneModel.from_base(
+        AutoModelForCausalLM.from_pretrained(stories260k), LoraConfig(r=4, target_modules="all-linear")
+    ).eval()
+    for alpha in (0.0, 0.3, 1.0):
+        mixing_probe.force_alphas(model, alpha)
+        keys, values = model.mixer.alphas()
+        assert torch.allclose(torch.cat([keys, values]), torch.tensor(alpha), atol=1e-6)
+
+    cell = tmp_path / "bitune-lora-seed1"
+    mixing_probe.force_alphas(model, 0.3)
+    tokenizer = load_tokenizer(stories260k)
+    model.save_pretrained(cell / "final", tokenizer=tokenizer)
+    entry = {"name": "arc_easy", "data_dir": str(shared_data), "path": None}
+    entry |= {"split": "test", "style": "full", "limit": 6}
+    task = load_task(**entry)
+    samples = evaluate(model, tokenizer, [task], log_samples=True, progress=False).samples["arc_easy"]
+    learned = {"metric": "acc", "items": {"acc": [sample["acc"] for sample in samples]}}
+    (cell / "done.json").write_text(json.dumps({"evaluation": {"tasks": [entry]}}))
+    (cell / "eval.json").write_text(json.dumps({"tasks": {"arc_easy": learned}}))
+
+    rows = mixing_probe.main([str(cell), "--alphas", "0.3", "0", "--batch-size", "4"])
+    assert [row["alpha"] for row in rows] == ["learned", 0.3, 0.0]
+    assert rows[1]["acc"] == rows[0]["acc"] and rows[1]["difference_to_learned"] == 0.0
+    assert json.loads((cell / "mixing_probe.json").read_text()) == rows
