@@ -17,10 +17,13 @@ import numpy as np
 import torch
 
 from bitune.core.pretrained import load_for_inference
-from bitune.evaluation.runner import evaluate
 from bitune.evaluation.tasks import load_task
+from bitune.experiments.layout import DONE_FILE, EVAL_FILE
 from bitune.experiments.report import paired_permutation_test
+from bitune.experiments.scoring import EvaluationTask, evaluate_model
+from bitune.experiments.settings import EvaluationSettings
 from bitune.files import atomic_write_json
+from bitune.training.outputs import FINAL_DIR
 
 LARGE_W = 1e6  # α = |w| / (|w| + c) with c ≤ 1: within 1e-6 of 1
 
@@ -44,35 +47,42 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--limit", type=int, help="score only the first N items (a quick check)")
     args = parser.parse_args(argv)
 
-    scored_on = json.loads((args.cell / "done.json").read_text())["evaluation"]["tasks"]
-    learned = json.loads((args.cell / "eval.json").read_text())["tasks"]
-    model, tokenizer = load_for_inference(checkpoint=args.cell / "final", device="cpu")
-    rows = []
-    for entry in scored_on:
-        task = load_task(
-            entry["name"],
-            data_dir=entry["data_dir"],
-            path=entry["path"],
-            split=entry["split"],
-            style=entry["style"],
-            limit=args.limit or entry["limit"],
+    scored_on = json.loads((args.cell / DONE_FILE).read_text())["evaluation"]
+    learned = json.loads((args.cell / EVAL_FILE).read_text())["tasks"]
+    settings = EvaluationSettings(
+        tasks=[{**entry, "limit": args.limit or entry["limit"]} for entry in scored_on["tasks"]],
+        batch_size=args.batch_size,
+        max_new_tokens=scored_on["max_new_tokens"],
+    )
+    tasks = [
+        EvaluationTask(
+            load_task(t.name, data_dir=t.data_dir, path=t.path, split=t.split, style=t.style, limit=t.limit),
+            learned[t.name]["metric"],
         )
-        metric = learned[task.name]["metric"]
-        reference = np.array(learned[task.name]["items"][metric][: len(task.items)])
-        rows.append({"task": task.name, "alpha": "learned", metric: float(reference.mean())})
-        for alpha in args.alphas:
-            force_alphas(model, alpha)
-            evaluation = evaluate(
-                model, tokenizer, [task], batch_size=args.batch_size, log_samples=True, progress=False
-            )
-            items = np.array([sample[metric] for sample in evaluation.samples[task.name]])
+        for t in settings.tasks
+    ]
+    model, tokenizer = load_for_inference(checkpoint=args.cell / FINAL_DIR, device="cpu")
+    references = {
+        task.name: np.array(learned[task.name]["items"][task.metric][: len(task.task.items)])
+        for task in tasks
+    }
+    rows = [
+        {"task": task.name, "alpha": "learned", task.metric: float(references[task.name].mean())}
+        for task in tasks
+    ]
+    for alpha in args.alphas:
+        force_alphas(model, alpha)
+        scores = evaluate_model(model, tokenizer, tasks, settings)
+        for task in tasks:
+            items = np.array(scores[task.name]["items"][task.metric])
+            differences = items - references[task.name]
             rows.append(
                 {
                     "task": task.name,
                     "alpha": alpha,
-                    metric: float(items.mean()),
-                    "difference_to_learned": float((items - reference).mean()),
-                    "p_value": paired_permutation_test(items - reference),
+                    task.metric: float(items.mean()),
+                    "difference_to_learned": float(differences.mean()),
+                    "p_value": paired_permutation_test(differences),
                 }
             )
             print(json.dumps(rows[-1]))

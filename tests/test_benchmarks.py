@@ -217,11 +217,11 @@ def test_mixing_probe_forces_alpha_and_reproduces_the_cell_at_its_own(
     tokenizer = load_tokenizer(stories260k)
     model.save_pretrained(cell / "final", tokenizer=tokenizer)
     entry = {"name": "arc_easy", "data_dir": str(shared_data), "path": None}
-    entry |= {"split": "test", "style": "full", "limit": 6}
-    task = load_task(**entry)
+    entry |= {"split": "test", "style": "full", "limit": 6, "metric": None}
+    task = load_task(**{key: value for key, value in entry.items() if key != "metric"})
     samples = evaluate(model, tokenizer, [task], log_samples=True, progress=False).samples["arc_easy"]
     learned = {"metric": "acc", "items": {"acc": [sample["acc"] for sample in samples]}}
-    (cell / "done.json").write_text(json.dumps({"evaluation": {"tasks": [entry]}}))
+    (cell / "done.json").write_text(json.dumps({"evaluation": {"max_new_tokens": None, "tasks": [entry]}}))
     (cell / "eval.json").write_text(json.dumps({"tasks": {"arc_easy": learned}}))
 
     rows = mixing_probe.main([str(cell), "--alphas", "0.3", "0", "--batch-size", "4"])
